@@ -1,0 +1,23 @@
+"""agentsd: training-free agent attention with token merging (AgentSD) for diffusers.
+
+    import agentsd
+    agentsd.apply_patch(pipe, ratio=0.4)   # AgentSD on
+    agentsd.remove_patch(pipe)             # exactly the original pipeline again
+"""
+from .agent_attention import agent_attention
+from .config import AgentSDConfig, Phase
+from .patch import apply_patch, is_patched, patch_config, patched, remove_patch, self_attention_layers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AgentSDConfig",
+    "Phase",
+    "agent_attention",
+    "apply_patch",
+    "is_patched",
+    "patch_config",
+    "patched",
+    "remove_patch",
+    "self_attention_layers",
+]

@@ -1,0 +1,121 @@
+"""AgentSD settings: the two phases of the official recipe and their validation."""
+from __future__ import annotations
+
+import numbers
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Phase:
+    """How the patched self-attention runs during one phase of the denoising.
+
+    Attributes:
+        sx, sy: size of the cells from which one dst token is drawn.
+        ratio: share of all tokens merged away before attention.
+        agent_ratio: share of all tokens merged away to form the agents, or ``None`` for
+            plain attention over the merged tokens (ToMe).
+    """
+
+    sx: int
+    sy: int
+    ratio: float
+    agent_ratio: float | None
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the phase neither merges nor uses agents (plain attention)."""
+        return self.ratio == 0 and self.agent_ratio is None
+
+
+@dataclass(frozen=True)
+class AgentSDConfig:
+    """All settings of :func:`agentsd.apply_patch`; defaults follow the official SD recipe.
+
+    The first ``agent_fraction`` of the denoising steps run agent attention on merged tokens
+    (``sx x sy`` cells, ``ratio``, ``agent_ratio``); the remaining steps run ToMe on
+    ``tome_sx x tome_sy`` cells with ``tome_ratio`` (``ratio`` when ``None``) and no agents.
+    """
+
+    ratio: float = 0.4
+    agent_ratio: float = 0.95
+    sx: int = 4
+    sy: int = 4
+    agent_fraction: float = 0.4
+    tome_ratio: float | None = None
+    tome_sx: int = 2
+    tome_sy: int = 2
+    k_scale2: float = 0.3
+    k_shortcut: float = 0.075
+    max_downsample: int = 1
+    attn_precision: str | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_range("ratio", self.ratio, 0.0, 1.0, low_open=False)
+        _check_range("agent_ratio", self.agent_ratio, 0.0, 1.0, low_open=True)
+        if self.tome_ratio is not None:
+            _check_range("tome_ratio", self.tome_ratio, 0.0, 1.0, low_open=False)
+        _check_range("agent_fraction", self.agent_fraction, 0.0, 1.0, low_open=False, high_open=False)
+        for name in ("sx", "sy", "tome_sx", "tome_sy", "max_downsample"):
+            _check_int(name, getattr(self, name), 1)
+        if self.max_downsample & (self.max_downsample - 1):
+            raise ValueError(f"max_downsample must be a power of two (1, 2, 4 or 8), got {self.max_downsample}")
+        _check_number("k_scale2", self.k_scale2)
+        if self.k_scale2 <= 0:
+            raise ValueError(f"k_scale2 must be > 0, got {self.k_scale2}")
+        _check_number("k_shortcut", self.k_shortcut)
+        if self.attn_precision not in (None, "fp32"):
+            raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
+        _check_int("seed", self.seed, 0)
+
+    @property
+    def agent_phase(self) -> Phase:
+        """The early phase: agent attention on merged tokens."""
+        return Phase(self.sx, self.sy, self.ratio, self.agent_ratio)
+
+    @property
+    def tome_phase(self) -> Phase:
+        """The late phase: ToMe, plain attention on merged tokens."""
+        ratio = self.ratio if self.tome_ratio is None else self.tome_ratio
+        return Phase(self.tome_sx, self.tome_sy, ratio, None)
+
+    def phase_at(self, progress: float) -> Phase:
+        """The phase at ``progress`` in [0, 1), the share of the denoising already done."""
+        return self.agent_phase if progress < self.agent_fraction else self.tome_phase
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AgentSDConfig":
+        """Settings from :meth:`to_dict` output; unknown keys raise TypeError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TypeError(f"unknown AgentSD setting(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_range(
+    name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool = True
+) -> None:
+    _check_number(name, value)
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
