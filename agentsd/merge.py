@@ -18,6 +18,8 @@ import torch.nn.functional as F
 class TokenMerge:
     """A merge of ``B x N`` tokens into ``B x M`` slots.
 
+    The merge uses ``scatter_add_`` rather than ``index_add_``: on CPU it is several times faster.
+
     Attributes:
         index: ``(B * N,)`` slot of each token, offset by ``b * M`` for batch element ``b``.
         counts: ``(B * M, 1)`` number of tokens in each slot.
@@ -33,7 +35,8 @@ class TokenMerge:
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """Average ``x`` of shape ``(B, N, C)`` into its slots: ``(B, M, C)``."""
         b, n, c = x.shape
-        summed = x.new_zeros(b * self.num_slots, c).index_add_(0, self.index, x.reshape(b * n, c))
+        index = self.index.unsqueeze(1).expand(b * n, c)
+        summed = x.new_zeros(b * self.num_slots, c).scatter_add_(0, index, x.reshape(b * n, c))
         return (summed / self.counts.to(x.dtype)).view(b, self.num_slots, c)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Time UNet steps of the SD1.5 architecture: SDPA vs tomesd vs AgentSD (agent and ToMe phases)
+vs a bound (patched self-attention returning zeros), side by side in one run.
+
+Writes DIR/latency.md (markdown table), DIR/latency.json (summary rows and machine) and
+DIR/raw.json (every sample; a rerun resumes from it).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="image sizes in px (default: 512 768)")
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
+    p.add_argument("--methods", nargs="+", default=["sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound"],
+                   help="methods to time (default: all)")
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per method and size (default: 5)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance (default: 2)")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", type=Path, default=Path("runs/latency"), help="output folder (default: runs/latency)")
+    p.add_argument("--fresh", action="store_true", help="discard samples of an earlier run in --out")
+    args = p.parse_args(argv)
+    if any(s % 64 for s in args.sizes) or min(args.sizes) <= 0:
+        p.error(f"--sizes must be positive multiples of 64, got {args.sizes}")
+    if any(not 0 <= r < 1 for r in args.ratios):
+        p.error(f"--ratios must be in [0, 1), got {args.ratios}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # freed tensors must leave the resident set
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        os.execv(sys.executable, [sys.executable, *sys.argv])
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from eval.latency import SD15_UNET_CONFIG, build_methods, markdown_table, run_benchmark, summarize
+
+    try:
+        methods = build_methods(args.methods, args.ratios)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
+        args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
+    ]
+    args.out.mkdir(parents=True, exist_ok=True)
+    raw_path = args.out / "raw.json"
+    if args.fresh and raw_path.exists():
+        raw_path.unlink()
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(args.device, dtype).eval()
+    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
+    print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {machine}, "
+          f"{str(dtype).removeprefix('torch.')}, batch {args.batch}")
+    raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path)
+    rows = summarize(raw, methods, args.sizes)
+    header = (f"SD1.5-architecture UNet, random weights, batch {args.batch}, "
+              f"{str(dtype).removeprefix('torch.')}, {machine}; torch {torch.__version__}; "
+              f"median of {args.repeats} interleaved steps.")
+    table = header + "\n\n" + markdown_table(rows) + "\n"
+    (args.out / "latency.md").write_text(table)
+    (args.out / "latency.json").write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows), indent=1))
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
