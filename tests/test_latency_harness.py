@@ -1,0 +1,32 @@
+import json
+
+import pytest
+
+from eval.latency import build_methods, markdown_table, run_benchmark, summarize
+
+import tiny
+
+
+def test_benchmark_runs_every_method_and_resumes(tmp_path):
+    unet = tiny.unet("sd1")
+    unet.register_to_config(cross_attention_dim=32)
+    methods = build_methods(["sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound"], [0.2, 0.5])
+    raw_path = tmp_path / "raw.json"
+    raw = run_benchmark(unet, [128], methods, repeats=2, batch=2, raw_path=raw_path, progress=lambda s: None)
+    rows = summarize(raw, methods, [128])
+    assert [r["method"] for r in rows] == ["sdpa", "tomesd", "tomesd", "agentsd-agent", "agentsd-agent",
+                                           "agentsd-tome", "agentsd-tome", "bound"]
+    assert all(r["repeats"] == 2 and r["median_s"] > 0 for r in rows)
+    assert rows[0]["speedup"] == 1.0 and rows[-1]["saving_share"] in (None, 1.0)
+    assert "| 128 | agentsd-agent | 0.5 |" in markdown_table(rows)
+    # a rerun with the samples on disk times nothing again
+    before = raw_path.read_text()
+    calls = []
+    run_benchmark(unet, [128], methods, repeats=2, batch=2, raw_path=raw_path, progress=calls.append)
+    assert calls == [] and raw_path.read_text() == before
+    assert len(json.loads(before)["128"]) == len(methods)
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="unknown method 'fast'"):
+        build_methods(["fast"], [0.4])
