@@ -57,7 +57,11 @@ class AgentSDAttnProcessor:
             or attn.spatial_norm is not None
             or attn.group_norm is not None
         ):
-            return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, **kwargs)
+            if temb is not None:  # passed on only when given: not every processor takes it
+                kwargs["temb"] = temb
+            return self.base(
+                attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
+            )
 
         h, w = grid
         n = h * w

@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         raw_path.unlink()
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(args.device, dtype).eval()
+    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    if (args.device, dtype) != ("cpu", torch.float32):
+        unet.to(device=args.device, dtype=dtype)
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {machine}, "
