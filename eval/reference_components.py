@@ -1,0 +1,229 @@
+"""Builders for the components of agentsd's embedded reference Stable Diffusion pipeline.
+
+Everything is built offline from code: a word-level :class:`~transformers.CLIPTokenizer` (a
+byte-level BPE whose merges spell out exactly the caption words of :mod:`eval.shapes`, so every
+caption word is one token while any other text still tokenizes, byte by byte), a small
+:class:`~transformers.CLIPTextModel`, an :class:`~diffusers.AutoencoderKL` with downsampling factor
+4 (64 px images -> 4 x 16 x 16 latents) and a :class:`~diffusers.UNet2DConditionModel` with the SD
+block layout (cross-attention down/up blocks, a cross-attention mid block) whose top level works
+on the 16 x 16 = 256 latent tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Iterable
+
+from eval import shapes
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+MAX_LENGTH = 77
+VAE_LOGVAR = -4.6  # posterior std exp(-2.3) ~= 0.1
+
+
+def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
+    """Learn BPE merges until every word in ``words`` is a single token.
+
+    Plain BPE training on the word list (each word counted once, ties broken by the pair's text),
+    with CLIP's ``</w>`` end-of-word suffix. Applying the merges in order re-creates each word
+    as one symbol.
+    """
+    segments = {w: list(w[:-1]) + [w[-1] + "</w>"] for w in dict.fromkeys(words) if w}
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter()
+        for seg in segments.values():
+            counts.update(zip(seg, seg[1:]))
+        if not counts:
+            return merges
+        best = min(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        merges.append(best)
+        for word, seg in segments.items():
+            merged: list[str] = []
+            i = 0
+            while i < len(seg):
+                if i + 1 < len(seg) and (seg[i], seg[i + 1]) == best:
+                    merged.append(seg[i] + seg[i + 1])
+                    i += 2
+                else:
+                    merged.append(seg[i])
+                    i += 1
+            segments[word] = merged
+
+
+def build_tokenizer(words: Iterable[str] | None = None) -> Any:
+    """Build the CLIP tokenizer in memory (no download).
+
+    The vocabulary holds the two special tokens, the 256 byte-level symbols, their ``</w>``
+    variants, and one token per merge learned from ``words`` (default: the caption vocabulary of
+    :mod:`eval.shapes`). ``model_max_length`` is 77, like SD's tokenizer.
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import CLIPTokenizer
+
+    merges = learn_merges(words if words is not None else shapes.vocabulary())
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    for symbol in alphabet:
+        vocab.setdefault(symbol, len(vocab))
+    for symbol in alphabet:
+        vocab.setdefault(symbol + "</w>", len(vocab))
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+
+
+@dataclass
+class ModelConfig:
+    """Sizes of the reference pipeline's networks (the defaults are the shipped model)."""
+
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    unet_channels: tuple[int, ...] = (64, 128, 128)
+    unet_layers_per_block: int = 1
+    unet_heads: int = 4
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        d = asdict(self)
+        d["vae_channels"] = list(self.vae_channels)
+        d["unet_channels"] = list(self.unet_channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["vae_channels"] = tuple(d["vae_channels"])
+        d["unet_channels"] = tuple(d["unet_channels"])
+        return cls(**d)
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> Any:
+    """A small randomly initialised :class:`~transformers.CLIPTextModel` (77 positions)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.text_hidden,
+        intermediate_size=4 * cfg.text_hidden,
+        num_hidden_layers=cfg.text_layers,
+        num_attention_heads=cfg.text_heads,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=cfg.text_hidden,
+    )
+    return CLIPTextModel(config)
+
+
+def build_vae(cfg: ModelConfig, logvar: float = VAE_LOGVAR, norm_groups: int = 1) -> Any:
+    """An :class:`~diffusers.AutoencoderKL` with ``2 ** (len(vae_channels) - 1)`` = 4x downsampling.
+
+    The mid block has no attention (the images are flat shapes). ``norm_groups=1`` (one
+    normalisation group) lets the decoder keep absolute colours, which per-channel groups
+    normalise away (much slower to learn). The posterior log-variance starts as the constant
+    ``logvar`` (std 0.1); :func:`freeze_vae_logvar` keeps it there during training.
+    """
+    import torch
+    from diffusers import AutoencoderKL
+
+    n = len(cfg.vae_channels)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=norm_groups,
+        sample_size=64,
+        mid_block_add_attention=False,
+    )
+    # the posterior log-variance is the second half of quant_conv's output: make it a constant
+    with torch.no_grad():
+        vae.quant_conv.weight[4:].zero_()
+        vae.quant_conv.bias[4:].fill_(logvar)
+    return vae
+
+
+def freeze_vae_logvar(vae: Any) -> None:
+    """Zero the gradients of the posterior log-variance rows of ``vae.quant_conv``.
+
+    Trained with a learned variance, Adam swings the log-variance by several units per few
+    steps (its tiny gradients are normalised away), and the decoder then sees mostly noise. A
+    fixed std of 0.1 (with no KL term) trains a plain autoencoder with a little latent noise,
+    which keeps the decoder tolerant to small errors of the diffusion model's latents.
+    """
+
+    def keep_mean_rows(grad: Any) -> Any:
+        grad = grad.clone()
+        grad[4:] = 0
+        return grad
+
+    vae.quant_conv.weight.register_hook(keep_mean_rows)
+    vae.quant_conv.bias.register_hook(keep_mean_rows)
+
+
+def build_unet(cfg: ModelConfig, sample_size: int = 16) -> Any:
+    """A :class:`~diffusers.UNet2DConditionModel` with SD's block layout.
+
+    The top level (``down_blocks.0`` / ``up_blocks[-1]``) is a cross-attention block whose
+    transformer blocks self-attend over ``sample_size ** 2`` latent tokens; the lowest level is a
+    plain ResNet block, as in SD 1.x.
+    """
+    from diffusers import UNet2DConditionModel
+
+    n = len(cfg.unet_channels)
+    down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+    up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down,
+        up_block_types=up,
+        block_out_channels=cfg.unet_channels,
+        layers_per_block=cfg.unet_layers_per_block,
+        cross_attention_dim=cfg.text_hidden,
+        attention_head_dim=cfg.unet_heads,  # SD's (mis)naming: the number of heads
+        norm_num_groups=32,
+    )
+
+
+def scheduler_config() -> dict[str, Any]:
+    """SD 1.x noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon)."""
+    return {
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "prediction_type": "epsilon",
+    }
+
+
+def build_train_scheduler() -> Any:
+    """The :class:`~diffusers.DDPMScheduler` used for training."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**scheduler_config(), clip_sample=False)
+
+
+def build_inference_scheduler() -> Any:
+    """The :class:`~diffusers.PNDMScheduler` (PLMS, ``skip_prk_steps``) saved with the pipeline."""
+    from diffusers import PNDMScheduler
+
+    return PNDMScheduler(**scheduler_config(), skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)
+
+
+def count_parameters(module: Any) -> int:
+    """Number of parameters of a torch module."""
+    return sum(p.numel() for p in module.parameters())

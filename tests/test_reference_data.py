@@ -1,0 +1,136 @@
+"""Fast tests of the reference model's data generator, tokenizer and adherence scorer."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from eval import shapes  # noqa: E402
+
+
+def test_make_dataset_is_deterministic() -> None:
+    a = shapes.make_dataset(24, seed=3)
+    b = shapes.make_dataset(24, seed=3)
+    c = shapes.make_dataset(24, seed=4)
+    assert a.images.shape == (24, 64, 64, 3) and a.images.dtype == np.uint8
+    assert np.array_equal(a.images, b.images)
+    assert a.captions == b.captions
+    assert not np.array_equal(a.images, c.images)
+
+
+def test_render_is_seeded_and_plain() -> None:
+    attrs = shapes.ShapeAttributes("triangle", "red", "blue")
+    canonical = np.asarray(shapes.render(attrs))
+    assert np.array_equal(canonical, np.asarray(shapes.render(attrs)))
+    j1 = np.asarray(shapes.render(attrs, rng=np.random.default_rng(1)))
+    j2 = np.asarray(shapes.render(attrs, rng=np.random.default_rng(1)))
+    assert np.array_equal(j1, j2)
+    # corners are background, the centre is the shape colour
+    assert tuple(canonical[0, 0]) == shapes.PALETTE["blue"]
+    assert tuple(canonical[36, 32]) == shapes.PALETTE["red"]
+    assert shapes.render(attrs, size=32).size == (32, 32)
+
+
+def test_caption_parse_round_trip() -> None:
+    for attrs in shapes.ALL_COMBOS:
+        text = shapes.caption(attrs)
+        assert shapes.parse_caption(text) == attrs
+        assert shapes.parse_caption("  " + text.upper() + ". ") == attrs
+    assert shapes.caption(shapes.ShapeAttributes("circle", "red", "blue")) == "a red circle on a blue background"
+    for bad in ("a red circle", "a purple circle on a blue background", "a red circle on a red background"):
+        with pytest.raises(ValueError):
+            shapes.parse_caption(bad)
+
+
+def test_heldout_prompts_are_disjoint_from_training() -> None:
+    assert len(shapes.ALL_COMBOS) == 90
+    held = set(shapes.HELDOUT_COMBOS)
+    assert len(held) == len(shapes.HELDOUT_PROMPTS) == 12
+    assert held.isdisjoint(shapes.TRAIN_COMBOS)
+    assert held | set(shapes.TRAIN_COMBOS) == set(shapes.ALL_COMBOS)
+    data = shapes.make_dataset(400, seed=0)
+    assert shapes.combos_of(data.captions).isdisjoint(held)
+    assert shapes.combos_of(shapes.heldout_prompts(30)) == held
+    # every pair of attribute values of a held-out combination is still seen in training
+    for h in held:
+        assert any(t.shape == h.shape and t.color == h.color for t in shapes.TRAIN_COMBOS)
+        assert any(t.shape == h.shape and t.background == h.background for t in shapes.TRAIN_COMBOS)
+        assert any(t.color == h.color and t.background == h.background for t in shapes.TRAIN_COMBOS)
+
+
+def test_tokenizer_makes_caption_words_single_tokens() -> None:
+    pytest.importorskip("transformers")
+    from eval.reference_components import build_tokenizer
+
+    tok = build_tokenizer()
+    ids = tok("a red circle on a blue background", padding="max_length", max_length=77).input_ids
+    assert len(ids) == 77 and tok.model_max_length == 77
+    words = tok.convert_ids_to_tokens(ids[1:8])
+    assert words == ["a</w>", "red</w>", "circle</w>", "on</w>", "a</w>", "blue</w>", "background</w>"]
+    for word in shapes.vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1
+    # any other text still tokenizes (byte fallback), and decodes back
+    other = tok("A photo of a cat, 42!").input_ids
+    assert tok.decode(other, skip_special_tokens=True) == "a photo of a cat , 4 2 !"
+
+
+def _classifier_or_skip():
+    from eval.adherence import CLASSIFIER_FILE, default_classifier_dir, load_classifier
+
+    if not (default_classifier_dir() / CLASSIFIER_FILE).exists():
+        pytest.skip("no shipped attribute classifier weights")
+    return load_classifier()
+
+
+def test_classifier_scores_ground_truth_images() -> None:
+    from eval.adherence import score_adherence
+
+    torch.set_num_threads(1)
+    classifier = _classifier_or_skip()
+    data = shapes.make_dataset(180, seed=2024, include_heldout=True)
+    scores = score_adherence(data.images, data.captions, classifier=classifier)
+    assert scores["n"] == 180
+    assert scores["all_correct"] >= 0.95
+    for name in ("shape", "color", "background"):
+        assert scores[name] >= 0.95
+    # PIL input works too, and wrong prompts are caught
+    pil = [shapes.render(a) for a in shapes.HELDOUT_COMBOS]
+    assert score_adherence(pil, list(shapes.HELDOUT_PROMPTS), classifier=classifier)["all_correct"] >= 0.9
+    swapped = [shapes.caption(shapes.ShapeAttributes(a.shape, a.background, a.color)) for a in shapes.HELDOUT_COMBOS]
+    wrong = score_adherence(pil, swapped, classifier=classifier)
+    assert wrong["all_correct"] == 0.0 and wrong["shape"] >= 0.9
+
+
+def test_reference_unet_layout() -> None:
+    pytest.importorskip("diffusers")
+    from eval.reference_components import ModelConfig, build_unet, build_vae, count_parameters
+
+    cfg = ModelConfig()
+    unet = build_unet(cfg)
+    assert 4e6 <= count_parameters(unet) <= 8e6
+    assert unet.config.down_block_types[0] == "CrossAttnDownBlock2D"
+    assert unet.config.up_block_types[-1] == "CrossAttnUpBlock2D"
+    assert unet.config.sample_size == 16
+    vae = build_vae(cfg)
+    assert 2 ** (len(vae.config.block_out_channels) - 1) == 4
+    # the top level's self-attention sees 16 x 16 = 256 tokens
+    seen: list[int] = []
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+
+    def record(module, args, kwargs, output):  # noqa: ANN001
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.shape[1])
+
+    handle = attn.register_forward_hook(record, with_kwargs=True)
+    with torch.no_grad():
+        unet(torch.zeros(1, 4, 16, 16), 10, encoder_hidden_states=torch.zeros(1, 77, cfg.text_hidden))
+    handle.remove()
+    assert seen == [256]
