@@ -7,6 +7,7 @@ self-attention layers return zeros, i.e. the time left if the patched attention 
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import statistics
@@ -91,8 +92,8 @@ def build_methods(names: list[str], ratios: list[float]) -> list[Method]:
 
 class PeakMemory:
     """Peak memory of a block: CUDA peak allocated, or on CPU the peak resident set size above
-    the resident size at entry, sampled every 2 ms (run with MALLOC_MMAP_THRESHOLD_ set so that
-    freed tensors leave the resident set)."""
+    the resident size at entry, sampled every 2 ms, after ``malloc_trim`` has returned freed
+    memory to the system (so earlier blocks' freed tensors do not hide this one's)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -108,6 +109,7 @@ class PeakMemory:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         else:
+            _malloc_trim()
             self._base = self._peak = self._rss()
             self._stop = threading.Event()
             self._thread = threading.Thread(target=self._poll, daemon=True)
@@ -126,6 +128,13 @@ class PeakMemory:
             self._stop.set()
             self._thread.join()
             self.peak_mb = (max(self._peak, self._rss()) - self._base) / 2**20
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> float:
@@ -167,17 +176,24 @@ def run_benchmark(
                 method.remove(unet)
         for rep in range(repeats):
             for method in methods:
-                entry = raw.setdefault(str(size), {}).setdefault(method.key, {"seconds": [], "peak_mb": []})
+                entry = raw.setdefault(str(size), {}).setdefault(method.key, {"seconds": []})
                 if len(entry["seconds"]) > rep:
                     continue
                 method.apply(unet)
-                with PeakMemory(param.device) as mem:
-                    seconds = time_step(unet, inputs)
+                seconds = time_step(unet, inputs)
                 method.remove(unet)
                 entry["seconds"].append(seconds)
-                entry["peak_mb"].append(mem.peak_mb)
                 raw_path.write_text(json.dumps(raw, indent=1))
                 progress(f"{size}px {method.key:>18} repeat {rep + 1}/{repeats}: {seconds:.3f} s")
+        for method in methods:  # memory in a separate, untimed pass: its sampling costs time
+            entry = raw[str(size)][method.key]
+            if "peak_mb" not in entry:
+                method.apply(unet)
+                with PeakMemory(param.device) as mem:
+                    time_step(unet, inputs)
+                method.remove(unet)
+                entry["peak_mb"] = mem.peak_mb
+                raw_path.write_text(json.dumps(raw, indent=1))
     return raw
 
 
@@ -194,7 +210,7 @@ def summarize(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> l
             row = dict(
                 size=size, method=method.name, ratio=method.ratio, median_s=t,
                 min_s=min(entry["seconds"]), repeats=len(entry["seconds"]),
-                peak_mb=statistics.median(entry["peak_mb"]),
+                peak_mb=entry["peak_mb"],
                 speedup=t_sdpa / t if t_sdpa else None,
                 saving_share=(t_sdpa - t) / (t_sdpa - t_bound) if t_sdpa and t_bound and t_sdpa > t_bound else None,
             )
