@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -83,19 +83,6 @@ class AgentSDConfig:
     def phase_at(self, progress: float) -> Phase:
         """The phase at ``progress`` in [0, 1), the share of the denoising already done."""
         return self.agent_phase if progress < self.agent_fraction else self.tome_phase
-
-    def to_dict(self) -> dict[str, Any]:
-        """The settings as a JSON-serialisable dict."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AgentSDConfig":
-        """Settings from :meth:`to_dict` output; unknown keys raise TypeError."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise TypeError(f"unknown AgentSD setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**data)
 
 
 def _check_number(name: str, value: Any) -> None:
