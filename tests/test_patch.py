@@ -272,15 +272,15 @@ def test_bare_unet_any_latent_size(hw):
     assert out.shape == sample.shape and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_pipeline_moved_to_dtype_after_patching(dtype):
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, None), (torch.float16, None), (torch.float16, "fp32")])
+def test_pipeline_moved_to_dtype_after_patching(dtype, precision):
     pipe = tiny.sd_pipeline()
-    agentsd.apply_patch(pipe, agent_fraction=1.0)
+    agentsd.apply_patch(pipe, agent_fraction=1.0, attn_precision=precision)
     pipe.to(dtype=dtype)
     phases = record_phases(pipe.unet)
-    out = run(pipe, num_inference_steps=2, output_type="pt") if False else pipe(
-        "a", num_inference_steps=2, height=64, width=64, output_type="latent").images
-    assert out.dtype == dtype and torch.isfinite(out).all() and phases
+    out = pipe("a", num_inference_steps=2, height=64, width=64, output_type="latent").images
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert phases and all(p.agent_ratio is not None for p in phases)  # PLMS: 3 calls for 2 steps
 
 
 # ----------------------------------------------------------------------------- bad input
