@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 
 import agentsd
 
@@ -64,13 +63,16 @@ def build_methods(names: list[str], ratios: list[float]) -> list[Method]:
         if name == "sdpa":
             methods.append(Method(name, None, lambda u: None, lambda u: None))
         elif name == "bound":
+            saved: dict[str, Any] = {}
+
             def apply_bound(unet: UNet2DConditionModel) -> None:
-                for module, _ in agentsd.self_attention_layers(unet, 1).values():
+                for layer, (module, _) in agentsd.self_attention_layers(unet, 1).items():
+                    saved[layer] = module.processor
                     module.set_processor(ZeroAttnProcessor())
 
             def remove_bound(unet: UNet2DConditionModel) -> None:
-                for module, _ in agentsd.self_attention_layers(unet, 1).values():
-                    module.set_processor(AttnProcessor2_0())
+                for layer, (module, _) in agentsd.self_attention_layers(unet, 1).items():
+                    module.set_processor(saved.pop(layer))
 
             methods.append(Method(name, None, apply_bound, remove_bound))
         elif name == "tomesd":
@@ -224,11 +226,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         "| size | method | ratio | median s/step | speed-up vs SDPA | share of possible saving | peak memory MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    def fmt(value: float | None, spec: str, unit: str = "") -> str:
+        return "–" if value is None else format(value, spec) + unit
+
     for r in rows:
+        share = None if r["saving_share"] is None else 100 * r["saving_share"]
         lines.append(
             f"| {r['size']} | {r['method']} | {fmt(r['ratio'], 'g')} | {r['median_s']:.3f} | "
-            f"{fmt(r['speedup'], '.2f')}x | {fmt(None if r['saving_share'] is None else 100 * r['saving_share'], '.0f')} % | "
-            f"{r['peak_mb']:.0f} |"
+            f"{fmt(r['speedup'], '.2f', 'x')} | {fmt(share, '.0f', ' %')} | {r['peak_mb']:.0f} |"
         )
-    return "\n".join(lines).replace("| – % |", "| – |").replace("| –x |", "| – |")
+    return "\n".join(lines)

@@ -20,8 +20,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="image sizes in px (default: 512 768)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
-    p.add_argument("--methods", nargs="+", default=["sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound"],
-                   help="methods to time (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods to time: sdpa tomesd agentsd-agent agentsd-tome bound (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method and size (default: 5)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance (default: 2)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
@@ -44,10 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from eval.latency import SD15_UNET_CONFIG, build_methods, markdown_table, run_benchmark, summarize
+    from eval.latency import METHODS, SD15_UNET_CONFIG, build_methods, markdown_table, run_benchmark, summarize
 
     try:
-        methods = build_methods(args.methods, args.ratios)
+        methods = build_methods(args.methods or list(METHODS), args.ratios)
     except ValueError as e:
         sys.exit(f"error: {e}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
