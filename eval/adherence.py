@@ -30,8 +30,9 @@ CONFIG_FILE = "attribute_classifier.json"
 _REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def default_classifier_dir() -> Path:
-    """Folder of the shipped classifier: ``agentsd/reference_model`` of this checkout.
+def reference_model_dir() -> Path:
+    """Folder of the embedded reference model and its attribute classifier:
+    ``agentsd/reference_model`` of this checkout.
 
     Falls back to the installed ``agentsd`` package when this checkout has no such folder.
     """
@@ -272,14 +273,14 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
 
     Args:
         path: the ``.safetensors`` file or the folder holding it; default: the shipped weights
-            (see :func:`default_classifier_dir`). The JSON config is read from beside it.
+            (see :func:`reference_model_dir`). The JSON config is read from beside it.
 
     Raises:
         FileNotFoundError: if there are no weights at ``path``.
     """
     from safetensors.torch import load_file
 
-    p = Path(path) if path is not None else default_classifier_dir()
+    p = Path(path) if path is not None else reference_model_dir()
     weights = p / CLASSIFIER_FILE if p.is_dir() or p.suffix != ".safetensors" else p
     if not weights.exists():
         raise FileNotFoundError(

@@ -83,9 +83,9 @@ def test_tokenizer_makes_caption_words_single_tokens() -> None:
 
 
 def _classifier_or_skip():
-    from eval.adherence import CLASSIFIER_FILE, default_classifier_dir, load_classifier
+    from eval.adherence import CLASSIFIER_FILE, reference_model_dir, load_classifier
 
-    if not (default_classifier_dir() / CLASSIFIER_FILE).exists():
+    if not (reference_model_dir() / CLASSIFIER_FILE).exists():
         pytest.skip("no shipped attribute classifier weights")
     return load_classifier()
 

@@ -1,0 +1,148 @@
+"""The FID benchmark harness end to end on a tiny pipeline, its resume, and its errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import fid_benchmark as fb
+import tiny
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_fid.py"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny_sd")
+    tiny.sd_pipeline().save_pretrained(path)
+    return path
+
+
+def run(*args: str) -> None:
+    from scripts.benchmark_fid import main
+
+    main([*args, "--no-progress"])
+
+
+def image_times(out: Path) -> dict[str, float]:
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted((out / "images").rglob("*.png"))}
+
+
+def test_end_to_end_writes_every_output_and_resumes_without_regenerating(model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--num-images", "4", "--ratios", "0.4", "--steps", "3",
+            "--batch-size", "2", "--grid-columns", "3", "--out", str(out)]
+    run(*args)
+    for name in ("results.json", "results.md", "fid_vs_time.png", "samples.png", "state.json"):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    rows = {(r["method"], r["ratio"]): r for r in results["rows"]}
+    assert set(rows) == {("sd", None), ("tomesd", 0.4), ("agentsd", 0.4), ("bound", None)}
+    for key in ("sd", "tomesd@0.4", "agentsd@0.4"):
+        assert len(list((out / "images" / key).glob("*.png"))) == 4
+    assert not (out / "images" / "bound").exists()
+    for (method, _), r in rows.items():
+        assert r["seconds_per_image"] > 0 and r["peak_memory_mb"] is not None
+        if method != "bound":
+            assert np.isfinite(r["fid"]) and 0 <= r["adherence"] <= 1 and r["num_images"] == 4
+    assert rows[("sd", None)]["speedup"] == pytest.approx(1.0)
+    assert "| agentsd | 0.4 |" in (out / "results.md").read_text()
+    # the same seeds: sd and agentsd differ (the patch acts) but start from the same noise
+    sd = np.asarray(Image.open(out / "images" / "sd" / "00000.png"), dtype=float)
+    agent = np.asarray(Image.open(out / "images" / "agentsd@0.4" / "00000.png"), dtype=float)
+    assert 0 < np.abs(sd - agent).mean() < 60
+
+    state = (out / "state.json").read_text()
+    before = image_times(out)
+    run(*args)
+    assert image_times(out) == before, "a finished run must regenerate nothing"
+    assert (out / "state.json").read_text() == state
+
+    # an interruption that lost the second batch of agentsd regenerates that batch only
+    for i in (2, 3):
+        (out / "images" / "agentsd@0.4" / f"{i:05d}.png").unlink()
+    run(*args)
+    after = image_times(out)
+    changed = {k for k in after if after[k] != before.get(k)}
+    assert changed == {"images/agentsd@0.4/00002.png", "images/agentsd@0.4/00003.png"}
+
+
+def test_other_settings_in_the_same_folder_are_refused(model_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ["--model", str(model_dir), "--num-images", "2", "--methods", "sd", "--no-bound",
+              "--batch-size", "2", "--out", str(out)]
+    run(*common, "--steps", "2")
+    with pytest.raises(SystemExit, match="other settings.*num_inference_steps"):
+        run(*common, "--steps", "3")
+    run(*common, "--steps", "3", "--fresh")  # starts over
+
+
+def error_of(capsys, *args: str) -> str:
+    """The message with which the script stops (in-process: it exits before any work)."""
+    with pytest.raises(SystemExit) as stop:
+        run(*args)
+    return stop.value.code if isinstance(stop.value.code, str) else capsys.readouterr().err.strip()
+
+
+def test_errors_are_one_line_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "missing")],
+                          capture_output=True, text=True, timeout=300)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert errors == [f"benchmark_fid.py: error: --model {tmp_path / 'missing'}: no such folder "
+                      "(give a local pipeline folder or a hub id)"]
+
+
+def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys):
+    (tmp_path / "not_a_pipeline").mkdir()
+    assert "cannot load --model" in error_of(capsys, "--model", str(tmp_path / "not_a_pipeline"))
+    assert "unknown method(s) sdxl" in error_of(capsys, "--methods", "sd", "sdxl")
+    assert "ratios must be in [0, 1)" in error_of(capsys, "--ratios", "0.4", "1.5")
+    assert "--ratios: invalid float value" in error_of(capsys, "--ratios", "half")
+    assert "--size must be a positive multiple of 8" in error_of(capsys, "--size", "60")
+    assert "needs --model" in error_of(capsys, "--protocol", "paper")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "holds no images" in error_of(capsys, "--model", str(model_dir), "--reference-dir", str(empty))
+    assert "is not a folder" in error_of(capsys, "--model", str(model_dir), "--reference-dir", str(tmp_path / "no"))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.new("RGB", (8, 8)).save(broken / "good.png")
+    (broken / "bad.jpg").write_bytes(b"not a jpeg")
+    assert "bad.jpg" in error_of(capsys, "--model", str(model_dir), "--reference-dir", str(broken))
+
+
+def test_reference_images_are_cropped_and_resized(tmp_path):
+    Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
+    Image.new("RGB", (10, 30), (0, 0, 255)).save(tmp_path / "sub.jpg")
+    files = fb.reference_files(tmp_path)
+    images = fb.load_reference_images(files, size=16)
+    assert images.shape == (2, 16, 16, 3) and images[0, 8, 8, 0] == 255 and images[1, 8, 8, 2] > 250
+
+
+def test_protocols():
+    paper = fb.paper_protocol()
+    assert len(paper.prompts) == 2000 and len(set(paper.prompts)) == 998  # two class names repeat in ImageNet
+    assert paper.prompts[0] == paper.prompts[1000] == "A high quality photograph of a tench."
+    assert (paper.height, paper.num_inference_steps, paper.guidance_scale) == (512, 50, 7.5)
+    shapes = fb.shapes_protocol(6, steps=5, guidance=4.0, seed=3)
+    assert shapes.seeds == (3, 4, 5, 6, 7, 8) and shapes.scores_adherence
+    assert shapes.prompts == fb.shapes_protocol(6, 5, 4.0, seed=3).prompts
+    from eval.shapes import parse_caption, render
+
+    real = fb.shapes_real_images(6, seed=3)
+    attrs = parse_caption(shapes.prompts[0])
+    assert real.shape == (6, 64, 64, 3)
+    assert tuple(real[0, 1, 1]) == tuple(np.asarray(render(attrs))[1, 1])  # the background of the caption
+
+
+def test_variants_validate_methods_and_ratios():
+    keys = [v.key for v in fb.build_variants(["agentsd", "sd"], [0.2, 0.4])]
+    assert keys == ["sd", "agentsd@0.2", "agentsd@0.4", "bound"]
+    with pytest.raises(ValueError, match="unknown method"):
+        fb.build_variants(["fast"], [0.4])
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        fb.build_variants(["agentsd"], [-0.1])
