@@ -5,8 +5,17 @@
     agentsd.remove_patch(pipe)             # exactly the original pipeline again
 """
 from .agent_attention import agent_attention
-from .config import AgentSDConfig, Phase
-from .patch import apply_patch, is_patched, patch_config, patched, remove_patch, self_attention_layers
+from .config import AgentSDConfig, Phase, load_config, save_config
+from .patch import (
+    apply_patch,
+    is_patched,
+    patch_config,
+    patched,
+    remove_patch,
+    self_attention_layers,
+    store_config,
+    stored_config,
+)
 
 __version__ = "0.1.0"
 
@@ -16,8 +25,12 @@ __all__ = [
     "agent_attention",
     "apply_patch",
     "is_patched",
+    "load_config",
     "patch_config",
     "patched",
     "remove_patch",
+    "save_config",
     "self_attention_layers",
+    "store_config",
+    "stored_config",
 ]

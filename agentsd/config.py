@@ -1,9 +1,15 @@
-"""AgentSD settings: the two phases of the official recipe and their validation."""
+"""AgentSD settings: the two phases of the official recipe, their validation and storage."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import numbers
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+#: Name of the JSON file that :func:`save_config` writes (e.g. beside LoRA weights).
+CONFIG_FILE = "agentsd_config.json"
 
 
 @dataclass(frozen=True)
@@ -81,8 +87,62 @@ class AgentSDConfig:
         return Phase(self.tome_sx, self.tome_sy, ratio, None)
 
     def phase_at(self, progress: float) -> Phase:
-        """The phase at ``progress`` in [0, 1), the share of the denoising already done."""
-        return self.agent_phase if progress < self.agent_fraction else self.tome_phase
+        """The phase at ``progress`` in [0, 1], the share of the denoising already done.
+
+        ``agent_fraction=1`` means the agent phase on every step, the last one included (a bare
+        UNet called at timestep 0 has progress 1).
+        """
+        agent = progress < self.agent_fraction or self.agent_fraction == 1
+        return self.agent_phase if agent else self.tome_phase
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as a JSON-serialisable dict (every field)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AgentSDConfig":
+        """Inverse of :meth:`to_dict`; missing fields take their defaults.
+
+        Raises:
+            ValueError: for a field that is not a setting, or a value out of range.
+        """
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown AgentSD setting(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
+        return cls(**data)
+
+
+def save_config(config: AgentSDConfig, folder: str | Path) -> Path:
+    """Write ``config`` as ``agentsd_config.json`` into ``folder`` (created if needed); returns the file."""
+    path = Path(folder) / CONFIG_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_config(path: str | Path) -> AgentSDConfig:
+    """Read the settings written by :func:`save_config`.
+
+    Args:
+        path: the ``agentsd_config.json`` file or the folder holding it (e.g. a LoRA output
+            folder of ``scripts/train_dreambooth.py``). Use the result with
+            ``agentsd.apply_patch(pipe, config=agentsd.load_config(folder))``.
+
+    Raises:
+        FileNotFoundError: if there is no such file.
+        ValueError: if the file is not a valid settings file.
+    """
+    path = Path(path)
+    file = path / CONFIG_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no AgentSD settings file {CONFIG_FILE} at {path}")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object of AgentSD settings")
+    return AgentSDConfig.from_dict(data)
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -9,6 +9,7 @@ objects and leaves the modules as they were.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -22,6 +23,8 @@ from .processor import AgentSDAttnProcessor
 from .schedule import denoising_progress
 
 _STATE_ATTR = "_agentsd_state"
+#: Private key of the UNet config (saved in its ``config.json``) that holds stored settings.
+CONFIG_KEY = "_agentsd_config"
 SUPPORTED = (
     "a diffusers pipeline with a UNet2DConditionModel `unet` (Stable Diffusion 1.x/2.x, SDXL, "
     "img2img, inpaint, ControlNet, ...) or a bare UNet2DConditionModel"
@@ -95,12 +98,21 @@ def _attention_levels(unet: UNet2DConditionModel) -> list[int]:
     return sorted({f for _, f in self_attention_layers(unet, 2**30).values()})
 
 
-def apply_patch(model: Any, ratio: float = 0.4, **settings: Any) -> Any:
+def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig | None = None, **settings: Any) -> Any:
     """Turn a diffusers pipeline or UNet into AgentSD.
+
+    The settings are, from the highest priority down: the keywords given, ``config``, the
+    settings stored with the model (:func:`store_config`, e.g. by ``scripts/train_dreambooth.py``:
+    they are saved in the UNet's ``config.json``, so a pipeline reloaded with ``from_pretrained``
+    carries them), and the defaults of :class:`~agentsd.config.AgentSDConfig` (ratio 0.4, the
+    official two-phase recipe). So ``apply_patch(pipe)`` on a model finetuned with AgentSD runs it
+    as it was trained, and on any other model runs the defaults.
 
     Args:
         model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet.
         ratio: share of the tokens merged away before attention, in [0, 1).
+        config: settings to start from instead of the stored ones or the defaults, e.g.
+            ``agentsd.load_config(lora_folder)`` for LoRA weights trained with AgentSD.
         **settings: any other field of :class:`~agentsd.config.AgentSDConfig`: ``agent_ratio``,
             ``sx``, ``sy``, ``agent_fraction``, ``tome_ratio``, ``tome_sx``, ``tome_sy``,
             ``k_scale2``, ``k_shortcut``, ``max_downsample`` (2 for SDXL, whose highest level has
@@ -117,7 +129,12 @@ def apply_patch(model: Any, ratio: float = 0.4, **settings: Any) -> Any:
             f"apply_patch() got unknown keyword(s) {unknown}; "
             f"valid: {sorted(AgentSDConfig.__dataclass_fields__)}"
         )
-    config = AgentSDConfig(ratio=ratio, **settings)
+    if config is not None and not isinstance(config, AgentSDConfig):
+        raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
+    if ratio is not None:
+        settings["ratio"] = ratio
+    base = config or stored_config(unet) or AgentSDConfig()
+    config = dataclasses.replace(base, **settings)
     layers = self_attention_layers(unet, config.max_downsample)
     if not layers:
         raise ValueError(
@@ -161,6 +178,26 @@ def remove_patch(model: Any) -> Any:
     return model
 
 
+def store_config(model: Any, config: AgentSDConfig) -> Any:
+    """Store ``config`` with ``model`` (in its UNet's config): ``save_pretrained`` writes it,
+    ``from_pretrained`` reads it back, and :func:`apply_patch` without settings uses it.
+
+    Returns ``model``.
+    """
+    if not isinstance(config, AgentSDConfig):
+        raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
+    unet, _ = _unet_of(model)
+    unet.register_to_config(**{CONFIG_KEY: config.to_dict()})
+    return model
+
+
+def stored_config(model: Any) -> AgentSDConfig | None:
+    """The settings stored with ``model`` by :func:`store_config`, or None."""
+    unet, _ = _unet_of(model)
+    data = unet.config.get(CONFIG_KEY)
+    return AgentSDConfig.from_dict(data) if data is not None else None
+
+
 def is_patched(model: Any) -> bool:
     """Whether ``model`` (pipeline or UNet) carries an AgentSD patch."""
     unet, _ = _unet_of(model)
@@ -175,12 +212,14 @@ def patch_config(model: Any) -> AgentSDConfig | None:
 
 
 @contextlib.contextmanager
-def patched(model: Any, ratio: float = 0.4, **settings: Any) -> Iterator[Any]:
+def patched(
+    model: Any, ratio: float | None = None, *, config: AgentSDConfig | None = None, **settings: Any
+) -> Iterator[Any]:
     """Context manager form: ``with agentsd.patched(pipe, ratio=0.4): pipe(...)``.
 
-    Restores the model on exit, also after an error.
+    Takes the arguments of :func:`apply_patch`. Restores the model on exit, also after an error.
     """
-    apply_patch(model, ratio, **settings)
+    apply_patch(model, ratio, config=config, **settings)
     try:
         yield model
     finally:
