@@ -21,6 +21,9 @@ Twelve of them (:data:`HELDOUT_COMBOS`) are never used for training; their capti
 shape is held out four times, every colour twice as shape colour and twice as background, and no
 (colour, background) pair twice, so every pair of attribute values is still seen in training.
 
+:data:`NOVEL_SHAPES` (a five-pointed ``star``) are never in the reference model's data: the
+DreamBooth benchmark teaches them as new concepts (:func:`render_novel`, :func:`format_caption`).
+
 Rendering is deterministic: with ``rng=None`` the shape is centred at a canonical size; with a
 ``numpy.random.Generator`` the size is jittered by +-15 % and the centre by +-5 px (at 64 px), from
 that generator only. Shapes are anti-aliased (drawn at 4x and downsampled).
@@ -60,6 +63,10 @@ _POS_JITTER = 5.0 / 64.0  # relative to the image size
 _CIRCLE_RADIUS = 15.0 / 64.0
 _SQUARE_HALF_SIDE = 13.5 / 64.0
 _TRIANGLE_CIRCUMRADIUS = 21.0 / 64.0
+_STAR_RADII = (22.0 / 64.0, 9.9 / 64.0)  # outer, inner: about the area of the other shapes
+
+#: Shapes the reference model never saw (new concepts for finetuning), drawn by :func:`render_novel`.
+NOVEL_SHAPES: tuple[str, ...] = ("star",)
 
 
 @dataclass(frozen=True)
@@ -111,9 +118,14 @@ TRAIN_COMBOS: tuple[ShapeAttributes, ...] = tuple(
 )
 
 
+def format_caption(color: str, shape: str, background: str) -> str:
+    """The caption template with any words, e.g. ``"a red sks on a blue background"``."""
+    return f"a {color} {shape} on a {background} background"
+
+
 def caption(attrs: ShapeAttributes) -> str:
     """Return the caption of ``attrs``, e.g. ``"a red circle on a blue background"``."""
-    return f"a {attrs.color} {attrs.shape} on a {attrs.background} background"
+    return format_caption(attrs.color, attrs.shape, attrs.background)
 
 
 #: Captions of :data:`HELDOUT_COMBOS`.
@@ -158,6 +170,36 @@ def _triangle(cx: float, cy: float, r: float) -> list[tuple[float, float]]:
     return [(cx + r * float(np.cos(a)), cy + r * float(np.sin(a))) for a in angles]
 
 
+def _star(cx: float, cy: float, outer: float, inner: float) -> list[tuple[float, float]]:
+    angles = np.deg2rad(-90.0 + 36.0 * np.arange(10))  # a point up
+    radii = [outer if i % 2 == 0 else inner for i in range(10)]
+    return [(cx + r * float(np.cos(a)), cy + r * float(np.sin(a))) for r, a in zip(radii, angles)]
+
+
+def _draw(shape: str, color: str, background: str, size: int, rng: np.random.Generator | None) -> Image.Image:
+    scale, dx, dy = 1.0, 0.0, 0.0
+    if rng is not None:
+        scale = 1.0 + float(rng.uniform(-_SIZE_JITTER, _SIZE_JITTER))
+        dx, dy = (float(v) * _POS_JITTER for v in rng.uniform(-1.0, 1.0, size=2))
+    big = size * _SUPERSAMPLE
+    img = Image.new("RGB", (big, big), PALETTE[background])
+    draw = ImageDraw.Draw(img)
+    cx, cy = big * (0.5 + dx), big * (0.5 + dy)
+    fill = PALETTE[color]
+    if shape == "circle":
+        r = big * _CIRCLE_RADIUS * scale
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif shape == "square":
+        h = big * _SQUARE_HALF_SIDE * scale
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
+    elif shape == "triangle":
+        # the centroid of an equilateral triangle is its circumcentre
+        draw.polygon(_triangle(cx, cy, big * _TRIANGLE_CIRCUMRADIUS * scale), fill=fill)
+    else:
+        draw.polygon(_star(cx, cy, *(big * r * scale for r in _STAR_RADII)), fill=fill)
+    return img.resize((size, size), Image.Resampling.BOX)
+
+
 def render(attrs: ShapeAttributes, size: int = 64, rng: np.random.Generator | None = None) -> Image.Image:
     """Draw ``attrs`` as a ``size x size`` RGB image.
 
@@ -167,25 +209,25 @@ def render(attrs: ShapeAttributes, size: int = 64, rng: np.random.Generator | No
         rng: if given, the shape's size and position are jittered using only this generator;
             if ``None`` the shape is centred at its canonical size.
     """
-    scale, dx, dy = 1.0, 0.0, 0.0
-    if rng is not None:
-        scale = 1.0 + float(rng.uniform(-_SIZE_JITTER, _SIZE_JITTER))
-        dx, dy = (float(v) * _POS_JITTER for v in rng.uniform(-1.0, 1.0, size=2))
-    big = size * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), PALETTE[attrs.background])
-    draw = ImageDraw.Draw(img)
-    cx, cy = big * (0.5 + dx), big * (0.5 + dy)
-    fill = PALETTE[attrs.color]
-    if attrs.shape == "circle":
-        r = big * _CIRCLE_RADIUS * scale
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif attrs.shape == "square":
-        h = big * _SQUARE_HALF_SIDE * scale
-        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=fill)
-    else:
-        # the centroid of an equilateral triangle is its circumcentre
-        draw.polygon(_triangle(cx, cy, big * _TRIANGLE_CIRCUMRADIUS * scale), fill=fill)
-    return img.resize((size, size), Image.Resampling.BOX)
+    return _draw(attrs.shape, attrs.color, attrs.background, size, rng)
+
+
+def render_novel(
+    shape: str, color: str, background: str, size: int = 64, rng: np.random.Generator | None = None
+) -> Image.Image:
+    """Draw a shape of :data:`NOVEL_SHAPES` like :func:`render` draws the others.
+
+    Raises:
+        ValueError: for a shape not in :data:`NOVEL_SHAPES`, an unknown colour, or equal colours.
+    """
+    if shape not in NOVEL_SHAPES:
+        raise ValueError(f"unknown novel shape {shape!r}; expected one of {NOVEL_SHAPES}")
+    for name in (color, background):
+        if name not in PALETTE:
+            raise ValueError(f"unknown colour {name!r}; expected one of {COLOR_NAMES}")
+    if color == background:
+        raise ValueError("shape colour and background colour must differ")
+    return _draw(shape, color, background, size, rng)
 
 
 class ShapeDataset(NamedTuple):
