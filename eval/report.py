@@ -42,8 +42,8 @@ def plot_fid_vs_time(rows: list[dict[str, Any]], path: Path, title: str = "") ->
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
     for method, marker in (("sd", "*"), ("tomesd", "s"), ("agentsd", "o")):
-        pts = sorted((r["seconds_per_image"], r["fid"], r["ratio"]) for r in rows
-                     if r["method"] == method and r["fid"] is not None)
+        pts = sorted(((r["seconds_per_image"], r["fid"], r["ratio"]) for r in rows
+                      if r["method"] == method and r["fid"] is not None), key=lambda p: p[2] or 0)
         if not pts:
             continue
         xs, ys, ratios = zip(*pts)

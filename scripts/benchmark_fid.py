@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> None:
     rows = fb.compute_metrics(variants, protocol, args.out, real_images, device, progress=not args.no_progress)
     setup = {**setup, "machine": machine, "torch": torch.__version__}
     report.write_results(rows, setup, args.out)
-    report.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=report.describe(setup))
+    title = (f"{setup['model']}, {protocol.name}: {len(protocol.prompts)} images, {protocol.num_inference_steps} "
+             f"steps, {dtype_name}, {machine}")
+    report.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=title)
     store = fb.ImageStore(args.out / "images")
     n = min(args.grid_columns, len(protocol.prompts))
     report.sample_grid({v.key: store.load(v.key, n) for v in variants if v.keeps_images}, args.out / "samples.png")
