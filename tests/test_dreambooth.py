@@ -1,0 +1,245 @@
+"""DreamBooth finetuning with AgentSD on every step: training, saving, reloading, resuming, errors."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+import agentsd
+import tiny
+from agentsd.dreambooth import (
+    DreamBoothSettings,
+    checkpoint_dirs,
+    dreambooth_loss,
+    encode_images,
+    encode_prompt,
+    load_images,
+    load_pipeline,
+    train_dreambooth,
+)
+from eval import reference_components as rc
+from eval import shapes
+from scripts.train_dreambooth import main as train_main
+
+REFERENCE_MODEL = Path(agentsd.__file__).resolve().parent / "reference_model"
+PROMPT = "a white sks on a black background"
+
+
+def random_reference_pipeline(folder: Path) -> str:
+    """A pipeline with the embedded model's architecture and tokenizer, random weights, saved."""
+    torch.manual_seed(0)
+    cfg, tokenizer = rc.ModelConfig(), rc.build_tokenizer()
+    StableDiffusionPipeline(
+        unet=rc.build_unet(cfg), vae=rc.build_vae(cfg), text_encoder=rc.build_text_encoder(cfg, len(tokenizer)),
+        tokenizer=tokenizer, scheduler=rc.build_inference_scheduler(), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    ).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The pipeline the tests finetune (64 px, 16 x 16 latents)."""
+    return random_reference_pipeline(tmp_path_factory.mktemp("base"))  # embedded model: return str(REFERENCE_MODEL)
+
+
+@pytest.fixture(scope="module")
+def instance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three white stars on black: a shape the reference model never saw."""
+    folder = tmp_path_factory.mktemp("stars")
+    for i in range(3):
+        shapes.render_novel("star", "white", "black", rng=np.random.default_rng(i)).save(folder / f"star{i}.png")
+    return folder
+
+
+def settings(base: str, instance: Path, out: Path, **kwargs) -> DreamBoothSettings:
+    values = dict(
+        pretrained=base, instance_dir=str(instance), instance_prompt=PROMPT, output_dir=str(out), resolution=64,
+        max_train_steps=4, learning_rate=1e-4, checkpointing_steps=2, inference_steps=2, progress=False,
+    )
+    values.update(kwargs)
+    return DreamBoothSettings(**values)
+
+
+def agent_phases(pipe: StableDiffusionPipeline, steps: int = 3) -> list[bool]:
+    """Generate once; for every UNet call (one per timestep), whether it ran the agent phase."""
+    phases: list[bool] = []
+    hook = pipe.unet.register_forward_hook(lambda m, a, o: phases.append(m._agentsd_state.phase.agent_ratio is not None))
+    image = pipe(PROMPT, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    hook.remove()
+    assert np.isfinite(image).all() and len(phases) == len(pipe.scheduler.timesteps) >= steps
+    return phases
+
+
+@pytest.fixture(scope="module")
+def full_run(base_model: str, instance_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DreamBoothSettings:
+    """Full-UNet finetuning with AgentSD, prior preservation and validation images."""
+    s = settings(
+        base_model, instance_dir, tmp_path_factory.mktemp("full"), max_train_steps=6, learning_rate=3e-4,
+        class_prompt="a white triangle on a black background", num_class_images=2, prior_loss_weight=0.5,
+        validation_prompt=PROMPT, validation_steps=3, num_validation_images=1, checkpointing_steps=3,
+    )
+    train_dreambooth(s)
+    return s
+
+
+# ----------------------------------------------------------------------------- training and reloading
+
+
+def fixed_batch_loss(pipe: StableDiffusionPipeline, instance: Path) -> float:
+    """Instance loss, with AgentSD on every step, on a fixed batch: every image at 8 timesteps."""
+    images = load_images(instance, 64)
+    mean, _ = encode_images(pipe.vae, images)
+    latents = mean.repeat_interleave(8, 0)
+    timesteps = torch.linspace(50, 950, 8).long().repeat(len(images))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    embedding = encode_prompt(pipe, PROMPT).expand(len(latents), -1, -1)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    with agentsd.patched(pipe, ratio=0.4, agent_fraction=1.0), torch.no_grad():
+        loss, _, _ = dreambooth_loss(pipe.unet, scheduler, latents, embedding, noise, timesteps, len(latents))
+    return float(loss)
+
+
+def test_training_lowers_the_loss_and_keeps_the_rest(full_run: DreamBoothSettings, instance_dir: Path) -> None:
+    out = Path(full_run.output_dir)
+    before = fixed_batch_loss(load_pipeline(full_run.pretrained), instance_dir)
+    after = fixed_batch_loss(load_pipeline(str(out)), instance_dir)
+    assert after < 0.9 * before
+    assert sorted(p.name for p in (out / "class_images").glob("*.png")) == ["class_00000.png", "class_00001.png"]
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000003-0.png", "step-000006-0.png"]
+    assert [p.name for p in checkpoint_dirs(out)] == ["step-000003", "step-000006"]
+    base, tuned = load_pipeline(full_run.pretrained), load_pipeline(str(out))
+    for name in ("vae", "text_encoder"):  # frozen
+        for (key, a), b in zip(getattr(base, name).state_dict().items(), getattr(tuned, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} changed"
+
+
+def test_saved_pipeline_runs_agent_attention_on_every_step(full_run: DreamBoothSettings) -> None:
+    pipe = StableDiffusionPipeline.from_pretrained(full_run.output_dir)
+    pipe.set_progress_bar_config(disable=True)
+    expected = agentsd.AgentSDConfig(ratio=0.4, agent_fraction=1.0)
+    assert agentsd.stored_config(pipe) == expected
+    agentsd.apply_patch(pipe)  # no arguments: the stored settings
+    assert agentsd.patch_config(pipe) == expected
+    assert all(agent_phases(pipe))
+    agentsd.apply_patch(pipe, ratio=0.2)  # keywords override the stored settings
+    assert agentsd.patch_config(pipe) == dataclasses.replace(expected, ratio=0.2)
+    agentsd.remove_patch(pipe)
+
+
+def test_lora_weights_reload_and_run_agent_attention_on_every_step(
+    base_model: str, instance_dir: Path, tmp_path: Path
+) -> None:
+    s = settings(base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3)
+    out = train_dreambooth(s)
+    assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
+    pipe = load_pipeline(base_model)
+    base = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    pipe.load_lora_weights(out)
+    agentsd.apply_patch(pipe, config=agentsd.load_config(out))
+    assert agentsd.patch_config(pipe) == s.agentsd_config()
+    assert all(agent_phases(pipe, steps=2))
+    agentsd.remove_patch(pipe)
+    lora = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    assert not np.allclose(base, lora)  # the adapters are loaded and do something
+
+
+def test_resume_continues_from_the_same_step(base_model: str, instance_dir: Path, tmp_path: Path) -> None:
+    whole = settings(base_model, instance_dir, tmp_path / "whole", agentsd=False)
+    train_dreambooth(whole)
+    assert [p.name for p in checkpoint_dirs(whole.output_dir)] == ["step-000002", "step-000004"]
+    resumed = dataclasses.replace(whole, output_dir=str(tmp_path / "resumed"))
+    train_dreambooth(resumed, resume=str(Path(whole.output_dir) / "checkpoints" / "step-000002"))
+    assert [p.name for p in checkpoint_dirs(resumed.output_dir)] == ["step-000004"]  # steps 3 and 4 only
+    a = load_pipeline(whole.output_dir).unet.state_dict()
+    b = load_pipeline(resumed.output_dir).unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same result as without interruption
+    assert any(not torch.equal(a[k], v) for k, v in load_pipeline(base_model).unet.state_dict().items())
+    plain = load_pipeline(whole.output_dir)
+    assert agentsd.stored_config(plain) is None  # finetuned without AgentSD: nothing stored
+    assert agentsd.patch_config(agentsd.apply_patch(plain)) == agentsd.AgentSDConfig()
+    with pytest.raises(ValueError, match="seed=0 .now 1"):
+        train_dreambooth(dataclasses.replace(whole, seed=1, max_train_steps=5), resume=True)
+
+
+# ----------------------------------------------------------------------------- stored settings
+
+
+def test_settings_file_round_trip_and_errors(tmp_path: Path) -> None:
+    config = agentsd.AgentSDConfig(ratio=0.3, agent_fraction=1.0, seed=3)
+    path = agentsd.save_config(config, tmp_path)
+    assert agentsd.load_config(tmp_path) == config and agentsd.load_config(path) == config
+    with pytest.raises(FileNotFoundError, match="agentsd_config.json"):
+        agentsd.load_config(tmp_path / "nothing")
+    path.write_text('{"ratio": 0.3, "speed": 2}')
+    with pytest.raises(ValueError, match="speed"):
+        agentsd.load_config(tmp_path)
+    path.write_text('{"ratio": 1.5}')
+    with pytest.raises(ValueError, match="ratio must be in"):
+        agentsd.load_config(tmp_path)
+    with pytest.raises(TypeError, match="config must be an AgentSDConfig"):
+        agentsd.apply_patch(tiny.unet(), config={"ratio": 0.3})
+
+
+def test_agent_fraction_one_covers_the_last_step() -> None:
+    config = agentsd.AgentSDConfig(agent_fraction=1.0)
+    assert config.phase_at(1.0) == config.agent_phase  # a bare UNet at timestep 0
+    assert agentsd.AgentSDConfig(agent_fraction=0.99).phase_at(0.995) == config.tome_phase
+
+
+def test_config_argument_is_overridden_by_keywords() -> None:
+    unet = tiny.unet()
+    agentsd.store_config(unet, agentsd.AgentSDConfig(ratio=0.1))
+    agentsd.apply_patch(unet, config=agentsd.AgentSDConfig(ratio=0.2, sx=2), sy=2)
+    assert agentsd.patch_config(unet) == agentsd.AgentSDConfig(ratio=0.2, sx=2, sy=2)
+    agentsd.remove_patch(unet)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_instance_folders_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="instance folder .*missing does not exist"):
+        load_images(tmp_path / "missing", 64)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        load_images(tmp_path / "empty", 64)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shapes.render_novel("star", "red", "blue").save(mixed / "good.png")
+    (mixed / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="not images: notes.txt"):
+        load_images(mixed, 64)
+    (mixed / "notes.txt").unlink()
+    (mixed / "broken.png").write_bytes(b"\x89PNG garbage")
+    (mixed / "cut.jpg").write_bytes((mixed / "good.png").read_bytes()[:10])
+    with pytest.raises(ValueError, match=r"cannot read 2 image\(s\).*broken.png.*cut.jpg"):
+        load_images(mixed, 64)
+    (mixed / "broken.png").unlink()
+    (mixed / "cut.jpg").unlink()
+    assert load_images(mixed, 64).shape == (1, 3, 64, 64)
+    for bad in (60, 0, -8):
+        with pytest.raises(ValueError, match=f"resolution must be a positive multiple of 8, got {bad}"):
+            load_images(mixed, bad)
+
+
+def test_script_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "ok").mkdir()
+    shapes.render_novel("star", "red", "blue").save(tmp_path / "ok" / "star.png")
+    ok = ["--instance-dir", str(tmp_path / "ok")]
+    common = ["--instance-prompt", PROMPT, "--output-dir", str(tmp_path / "out")]
+    cases = {
+        "does not exist": ["--instance-dir", str(tmp_path / "missing")],
+        "holds no images": ["--instance-dir", str(tmp_path / "empty")],
+        "resolution must be a positive multiple of 8, got 100": [*ok, "--resolution", "100"],
+        "pretrained model folder": [*ok, "--pretrained", str(tmp_path / "nope")],
+    }
+    for message, args in cases.items():
+        assert train_main(args + common) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
