@@ -9,7 +9,8 @@ number of images. Peak memory comes from a separate, untimed warm-up batch (shor
 that its sampling does not slow the timed batches.
 
 A ``bound`` variant times the pipeline whose patched self-attention layers return zeros: the time
-left if the patched attention cost nothing. It keeps no images and has no FID.
+left if the patched attention cost nothing. It keeps no images and has no FID, and may be timed
+on the first batches only.
 """
 from __future__ import annotations
 
@@ -264,9 +265,13 @@ def generate_all(
     out: Path,
     batch_size: int,
     setup: dict[str, Any],
+    bound_batches: int | None = None,
     progress: bool = True,
 ) -> State:
     """Generate every image of every variant that is not on disk yet (see the module docstring).
+
+    The ``bound`` is timed on the first ``bound_batches`` batches only (all when ``None``): it
+    keeps no images, so more batches only refine its time.
 
     ``setup`` (model, protocol, batch size, ...) is recorded in ``state.json``; a folder holding a
     run with another setup raises ValueError instead of mixing the two.
@@ -282,7 +287,8 @@ def generate_all(
         timed = f"{start}:{stop}" in state.variant(v.key)["batch_seconds"]
         return timed and (not v.keeps_images or store.has(v.key, range(start, stop)))
 
-    todo = [(b, v) for b in batches for v in variants if not done(v, *b)]
+    todo = [(b, v) for i, b in enumerate(batches) for v in variants
+            if not done(v, *b) and (v.keeps_images or bound_batches is None or i < bound_batches)]
     if not todo:
         return state
     pipe.set_progress_bar_config(disable=True)

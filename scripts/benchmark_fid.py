@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=None, help="image side in px (default: preset)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--no-bound", action="store_true", help="skip timing the bound (patched attention free)")
+    p.add_argument("--bound-batches", type=int, default=2,
+                   help="batches on which the bound is timed (default: 2; 0: all)")
     p.add_argument("--grid-columns", type=int, default=8, help="samples per row in samples.png (default: 8)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on CUDA, fp32 on CPU")
@@ -79,6 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_images", "steps", "batch_size", "grid_columns"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.bound_batches < 0:
+        p.error(f"--bound-batches must be >= 0, got {args.bound_batches}")
     if args.num_real is not None and args.num_real < 2:
         p.error(f"--num-real must be >= 2, got {args.num_real}")
     if args.size < 8 or args.size % 8:
@@ -160,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
         num_real=num_real,
     )
     try:
-        fb.generate_all(pipe, variants, protocol, args.out, args.batch_size, setup, progress=not args.no_progress)
+        fb.generate_all(pipe, variants, protocol, args.out, args.batch_size, setup,
+                        bound_batches=args.bound_batches or None, progress=not args.no_progress)
     except ValueError as e:
         fail(str(e))
     rows = fb.compute_metrics(variants, protocol, args.out, real_images, device, progress=not args.no_progress)
