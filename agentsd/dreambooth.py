@@ -26,7 +26,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -136,7 +136,7 @@ def generate_class_images(
     manifest_path = folder / CLASS_MANIFEST
     if manifest_path.exists() and (old := json.loads(manifest_path.read_text())) != manifest:
         raise ValueError(f"class image folder {folder} was made for {old}, not {manifest}; use another folder")
-    have = len(list_images(folder, "class folder")) if any(folder.iterdir()) else 0
+    have = sum(p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") for p in folder.iterdir())
     missing = [i for i in range(num_images) if not (folder / f"class_{i:05d}.png").exists()][: num_images - have]
     if missing:
         manifest_path.write_text(json.dumps(manifest) + "\n")
@@ -171,22 +171,26 @@ def encode_images(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return dist.mean * scale, dist.std * scale
 
 
+class Batch(NamedTuple):
+    """One training batch: instance samples first, then class samples (prior preservation)."""
+
+    latents: torch.Tensor
+    embeddings: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+    num_instance: int
+
+
 def dreambooth_loss(
-    unet: Any,
-    scheduler: Any,
-    latents: torch.Tensor,
-    embeddings: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    num_instance: int,
-    prior_loss_weight: float = 1.0,
+    unet: Any, scheduler: Any, batch: Batch, prior_loss_weight: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The DreamBooth loss on one batch: instance images first, then class images (if any).
+    """The DreamBooth loss on ``batch``.
 
     Returns ``(loss, instance_loss, prior_loss)``: the MSE of the UNet's prediction against the
     target of the scheduler's ``prediction_type`` (epsilon or v), the prior part weighted by
-    ``prior_loss_weight``; ``prior_loss`` is None without class images.
+    ``prior_loss_weight``; ``prior_loss`` is None without class samples.
     """
+    latents, embeddings, noise, timesteps, n = batch
     noisy = scheduler.add_noise(latents, noise, timesteps)
     pred = unet(noisy, timesteps, embeddings).sample.float()
     kind = scheduler.config.prediction_type
@@ -197,10 +201,10 @@ def dreambooth_loss(
     else:
         raise ValueError(f"unsupported prediction_type {kind!r} (epsilon or v_prediction)")
     target = target.float()
-    instance = F.mse_loss(pred[:num_instance], target[:num_instance])
-    if num_instance == len(pred):
+    instance = F.mse_loss(pred[:n], target[:n])
+    if n == len(pred):
         return instance, instance, None
-    prior = F.mse_loss(pred[num_instance:], target[num_instance:])
+    prior = F.mse_loss(pred[n:], target[n:])
     return instance + prior_loss_weight * prior, instance, prior
 
 
@@ -284,7 +288,8 @@ class DreamBoothSettings:
 def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """The checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
-    return sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.exists() else []
+    found = root.glob("step-*") if root.exists() else []
+    return sorted(p for p in found if p.name[5:].isdigit() and (p / STATE_FILE).exists())
 
 
 def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -353,8 +358,8 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 def sample_batch(
     data: dict[str, torch.Tensor], batch_size: int, num_train_timesteps: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Draw one batch: ``(latents, embeddings, noise, timesteps, num_instance)``.
+) -> Batch:
+    """Draw ``batch_size`` instance samples (and as many class samples) with their noise and timesteps.
 
     ``data`` holds ``instance_mean``/``instance_std`` (and ``class_mean``/``class_std`` for prior
     preservation) and the prompt embeddings ``instance_embedding``/``class_embedding``.
@@ -370,7 +375,7 @@ def sample_batch(
     latents = torch.cat(latents)
     noise = torch.randn(latents.shape, generator=generator).to(latents.device)
     timesteps = torch.randint(num_train_timesteps, (len(latents),), generator=generator).to(latents.device)
-    return latents, torch.cat(embeddings), noise, timesteps, batch_size
+    return Batch(latents, torch.cat(embeddings), noise, timesteps, batch_size)
 
 
 def _add_lora(unet: Any, settings: DreamBoothSettings) -> None:
@@ -438,7 +443,7 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
     s = settings
     instance = load_images(s.instance_dir, s.resolution, "instance folder")
     resume_from: Path | None = None
-    if isinstance(resume, (str, Path)) and not isinstance(resume, bool):
+    if isinstance(resume, (str, Path)):
         resume_from = Path(resume)
         if not (resume_from / STATE_FILE).exists():
             raise FileNotFoundError(f"no checkpoint {STATE_FILE} in {resume_from}")
@@ -486,9 +491,7 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
             gen = step_generator(s.seed, step * s.gradient_accumulation_steps + micro)
             batch = sample_batch(data, s.batch_size, noise_scheduler.config.num_train_timesteps, gen)
             with accelerator.accumulate(unet), accelerator.autocast():
-                loss, instance_loss, prior_loss = dreambooth_loss(
-                    unet, noise_scheduler, *batch[:4], num_instance=batch[4], prior_loss_weight=s.prior_loss_weight
-                )
+                loss, _, _ = dreambooth_loss(unet, noise_scheduler, batch, s.prior_loss_weight)
                 accelerator.backward(loss)
                 optimizer.step()
                 lr_scheduler.step()

@@ -12,11 +12,13 @@ from diffusers import StableDiffusionPipeline
 import agentsd
 import tiny
 from agentsd.dreambooth import (
+    Batch,
     DreamBoothSettings,
     checkpoint_dirs,
     dreambooth_loss,
     encode_images,
     encode_prompt,
+    generate_class_images,
     load_images,
     load_pipeline,
     train_dreambooth,
@@ -100,7 +102,7 @@ def fixed_batch_loss(pipe: StableDiffusionPipeline, instance: Path) -> float:
     embedding = encode_prompt(pipe, PROMPT).expand(len(latents), -1, -1)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     with agentsd.patched(pipe, ratio=0.4, agent_fraction=1.0), torch.no_grad():
-        loss, _, _ = dreambooth_loss(pipe.unet, scheduler, latents, embedding, noise, timesteps, len(latents))
+        loss, _, _ = dreambooth_loss(pipe.unet, scheduler, Batch(latents, embedding, noise, timesteps, len(latents)))
     return float(loss)
 
 
@@ -116,6 +118,15 @@ def test_training_lowers_the_loss_and_keeps_the_rest(full_run: DreamBoothSetting
     for name in ("vae", "text_encoder"):  # frozen
         for (key, a), b in zip(getattr(base, name).state_dict().items(), getattr(tuned, name).state_dict().values()):
             assert torch.equal(a, b), f"{name}.{key} changed"
+
+
+def test_class_image_cache_is_reused_and_checked(full_run: DreamBoothSettings) -> None:
+    folder = Path(full_run.output_dir) / "class_images"
+    before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
+    generate_class_images(None, folder, full_run.class_prompt, 2, 64)  # complete: no pipeline needed
+    assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    with pytest.raises(ValueError, match="was made for .*white triangle"):
+        generate_class_images(None, folder, "a red circle on a blue background", 2, 64)
 
 
 def test_saved_pipeline_runs_agent_attention_on_every_step(full_run: DreamBoothSettings) -> None:
@@ -134,7 +145,7 @@ def test_saved_pipeline_runs_agent_attention_on_every_step(full_run: DreamBoothS
 def test_lora_weights_reload_and_run_agent_attention_on_every_step(
     base_model: str, instance_dir: Path, tmp_path: Path
 ) -> None:
-    s = settings(base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3)
+    s = settings(base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3, gradient_accumulation_steps=2)
     out = train_dreambooth(s)
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
     pipe = load_pipeline(base_model)
