@@ -5,17 +5,18 @@ instance images ("a photo of sks dog"), optionally with prior preservation: clas
 the base model ("a photo of a dog") are cached on disk and their loss is added with a weight.
 The text encoder and the VAE stay frozen. With ``agentsd=True`` (the default) the UNet is patched
 with :func:`agentsd.apply_patch` and ``agent_fraction=1`` during training, so the model learns to
-work with agent attention on every denoising step; the settings are stored with the result, and
-``agentsd.apply_patch(pipe)`` with no arguments uses them after loading:
+work with agent attention on every denoising step. The settings are stored with the result:
 
-* full finetuning: ``StableDiffusionPipeline.from_pretrained(output_dir)`` (the settings live in
-  the UNet's ``config.json``, see :func:`agentsd.store_config`);
+* full finetuning: ``StableDiffusionPipeline.from_pretrained(output_dir)``, then
+  ``agentsd.apply_patch(pipe)`` with no arguments (the settings live in the UNet's
+  ``config.json``, see :func:`agentsd.store_config`);
 * LoRA: ``pipe.load_lora_weights(output_dir)`` on the base pipeline, then
   ``agentsd.apply_patch(pipe, config=agentsd.load_config(output_dir))``.
 
 :func:`train_dreambooth` runs the whole job with accelerate (device placement, mixed precision,
-gradient accumulation): checkpoints every ``checkpointing_steps`` and resumption at the same step
-with the same result, validation images on disk every ``validation_steps``, a tqdm bar. All
+gradient accumulation; one process, one device): checkpoints every ``checkpointing_steps`` and
+resumption at the same step with the same result, validation images on disk every
+``validation_steps``, a tqdm bar. All
 randomness of optimisation step ``k`` comes from ``(seed, k)``, so a resumed run repeats the
 uninterrupted one. ``scripts/train_dreambooth.py`` is its command line.
 """
@@ -454,6 +455,8 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
     accelerator = Accelerator(
         mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps
     )
+    if accelerator.num_processes > 1:
+        raise ValueError("train_dreambooth runs in one process (one device); launch it without multi-process")
     pipe = load_pipeline(s.pretrained)
     pipe.to(accelerator.device)
     for module in (pipe.vae, pipe.text_encoder):
