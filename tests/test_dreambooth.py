@@ -81,7 +81,7 @@ def agent_phases(pipe: StableDiffusionPipeline, steps: int = 3) -> list[bool]:
 def full_run(base_model: str, instance_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> DreamBoothSettings:
     """Full-UNet finetuning with AgentSD, prior preservation and validation images."""
     s = settings(
-        base_model, instance_dir, tmp_path_factory.mktemp("full"), max_train_steps=6, learning_rate=3e-4,
+        base_model, instance_dir, tmp_path_factory.mktemp("full"), max_train_steps=6,
         class_prompt="a white triangle on a black background", num_class_images=2, prior_loss_weight=0.5,
         validation_prompt=PROMPT, validation_steps=3, num_validation_images=1, checkpointing_steps=3,
     )
