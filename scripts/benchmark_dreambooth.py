@@ -64,11 +64,11 @@ QUICK = {"steps": 4, "num_instance": 2, "num_class_images": 2, "batch_size": 1, 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (``--quick`` replaces the sizes by a smoke-test preset)."""
+    """Command-line options (``--quick`` changes the defaults of the sizes to a smoke-test preset)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder (a rerun resumes from it)")
     p.add_argument("--base", default=str(REPO_ROOT / "agentsd" / "reference_model"), help="base pipeline folder")
-    p.add_argument("--quick", action="store_true", help=f"smoke-test sizes: {QUICK}")
+    p.add_argument("--quick", action="store_true", help=f"smoke-test sizes (options given still apply): {QUICK}")
     p.add_argument("--steps", type=int, default=400, help="finetuning steps")
     p.add_argument("--learning-rate", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=4, help="instance images per step (plus as many class images)")
@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     a = p.parse_args(argv)
     if a.quick:
-        for key, value in QUICK.items():
-            setattr(a, key, value)
+        p.set_defaults(**QUICK)
+        a = p.parse_args(argv)
     for name in ("steps", "batch_size", "num_instance", "num_class_images", "n_eval", "inference_steps", "repeats",
                  "timing_images"):
         if getattr(a, name) < 1:

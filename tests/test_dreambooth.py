@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,8 @@ from agentsd.dreambooth import (
 )
 from eval import reference_components as rc
 from eval import shapes
+from scripts.benchmark_dreambooth import CONFIGS
+from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
 
 REFERENCE_MODEL = Path(agentsd.__file__).resolve().parent / "reference_model"
@@ -254,3 +257,25 @@ def test_script_reports_bad_input_in_one_line(tmp_path: Path, capsys: pytest.Cap
         assert train_main(args + common) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- benchmark
+
+
+def test_benchmark_smoke_run_keeps_its_work_and_resumes(base_model: str, tmp_path: Path) -> None:
+    args = ["--quick", "--base", base_model, "--out", str(tmp_path), "--steps", "2", "--n-eval", "1",
+            "--inference-steps", "2", "--repeats", "1", "--timing-images", "1", "--num-class-images", "1"]
+    assert benchmark_main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["quality"]) == set(results["timing"]) == set(CONFIGS)
+    assert all(0 <= q["subject"]["shape"] <= 1 for q in results["quality"].values())
+    assert (tmp_path / "results.md").read_text().count("\n| ") == len(CONFIGS) + 1
+    assert (tmp_path / "finetune-plain" / "unet" / "config.json").exists()
+    assert agentsd.stored_config(load_pipeline(str(tmp_path / "finetune-agentsd"))).agent_fraction == 1.0
+    # a rerun reuses everything (and a longer timing run adds repeats to the kept samples)
+    stamp = (tmp_path / "images" / "base-subject.npz").stat().st_mtime_ns
+    assert benchmark_main([*args, "--repeats", "2"]) == 0
+    again = json.loads((tmp_path / "results.json").read_text())
+    assert again["quality"] == results["quality"]
+    assert all(again["timing"][c][:1] == results["timing"][c] and len(again["timing"][c]) == 2 for c in CONFIGS)
+    assert (tmp_path / "images" / "base-subject.npz").stat().st_mtime_ns == stamp
