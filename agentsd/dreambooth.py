@@ -384,9 +384,10 @@ def _add_lora(unet: Any, settings: DreamBoothSettings) -> None:
 
     unet.requires_grad_(False)
     alpha = settings.lora_alpha if settings.lora_alpha is not None else settings.lora_rank
-    unet.add_adapter(
-        LoraConfig(r=settings.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+    config = LoraConfig(
+        r=settings.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
     )
+    unet.add_adapter(config)
 
 
 @torch.no_grad()
@@ -469,7 +470,8 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
             pipe, class_dir, s.class_prompt, s.num_class_images, s.resolution, s.inference_steps, s.seed, s.progress
         )
         data["class_embedding"] = encode_prompt(pipe, s.class_prompt)
-        data["class_mean"], data["class_std"] = encode_images(pipe.vae, load_images(class_dir, s.resolution, "class folder"))
+        class_images = load_images(class_dir, s.resolution, "class folder")
+        data["class_mean"], data["class_std"] = encode_images(pipe.vae, class_images)
 
     unet = pipe.unet
     if s.lora_rank is not None:

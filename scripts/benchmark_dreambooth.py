@@ -108,7 +108,7 @@ def recontext_targets(n: int) -> list[dict[str, str]]:
     """``n`` targets cycling through the star in every other colour pair."""
     pairs = [(c, b) for c in shapes.COLOR_NAMES for b in shapes.COLOR_NAMES
              if c != b and (c, b) != (SUBJECT["color"], SUBJECT["background"])]
-    return [{"shape": "star", "color": pairs[i % len(pairs)][0], "background": pairs[i % len(pairs)][1]} for i in range(n)]
+    return [dict(zip(("shape", "color", "background"), ("star", *pairs[i % len(pairs)]))) for i in range(n)]
 
 
 def make_instance_images(folder: Path, n: int, seed: int) -> None:
@@ -190,7 +190,8 @@ class Runner:
         if path.exists():
             return np.load(path)["images"]
         seeds = [self.a.seed + i for i in range(len(prompts))]
-        images = generate(self.pipe(config), prompts, seeds, self.a.inference_steps, self.a.guidance_scale, progress=False)
+        a = self.a
+        images = generate(self.pipe(config), prompts, seeds, a.inference_steps, a.guidance_scale, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=images)
         return images
@@ -239,9 +240,10 @@ def table(results: dict[str, Any]) -> str:
     median = {c: statistics.median(t[c]) for c in CONFIGS}
     ref = median["dreambooth"]
     s = results["settings"]
+    model = f"LoRA rank {s['lora_rank']}" if s["lora_rank"] else "full UNet"
     lines = [
         f"DreamBooth on `{Path(s['base']).name}`: new concept = white star as \"{TOKEN}\", {s['num_instance']} "
-        f"instance images, {s['steps']} steps, {'LoRA rank ' + str(s['lora_rank']) if s['lora_rank'] else 'full UNet'}, "
+        f"instance images, {s['steps']} steps, {model}, "
         f"AgentSD ratio {s['ratio']}; {s['inference_steps']} PLMS steps, guidance {s['guidance_scale']}, "
         f"{s['n_eval']} images per prompt set; time = median of {len(t['dreambooth'])} interleaved repeats of "
         f"{s['timing_images']} images.",

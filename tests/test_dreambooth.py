@@ -73,7 +73,9 @@ def settings(base: str, instance: Path, out: Path, **kwargs) -> DreamBoothSettin
 def agent_phases(pipe: StableDiffusionPipeline, steps: int = 3) -> list[bool]:
     """Generate once; for every UNet call (one per timestep), whether it ran the agent phase."""
     phases: list[bool] = []
-    hook = pipe.unet.register_forward_hook(lambda m, a, o: phases.append(m._agentsd_state.phase.agent_ratio is not None))
+    hook = pipe.unet.register_forward_hook(
+        lambda module, args, out: phases.append(module._agentsd_state.phase.agent_ratio is not None)
+    )
     image = pipe(PROMPT, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)).images
     hook.remove()
     assert np.isfinite(image).all() and len(phases) == len(pipe.scheduler.timesteps) >= steps
@@ -148,7 +150,9 @@ def test_saved_pipeline_runs_agent_attention_on_every_step(full_run: DreamBoothS
 def test_lora_weights_reload_and_run_agent_attention_on_every_step(
     base_model: str, instance_dir: Path, tmp_path: Path
 ) -> None:
-    s = settings(base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3, gradient_accumulation_steps=2)
+    s = settings(
+        base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3, gradient_accumulation_steps=2
+    )
     out = train_dreambooth(s)
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
     pipe = load_pipeline(base_model)
