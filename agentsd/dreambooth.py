@@ -119,6 +119,7 @@ def generate_class_images(
     num_images: int,
     resolution: int,
     num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
     seed: int = 0,
     progress: bool = True,
 ) -> None:
@@ -144,7 +145,7 @@ def generate_class_images(
     for i in tqdm(missing, desc="class images", disable=not progress):
         image = pipe(
             prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
-            generator=torch.Generator().manual_seed(seed + i),
+            guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
         ).images[0]
         tmp = folder / f".class_{i:05d}.png"
         image.save(tmp, format="PNG")
@@ -467,7 +468,8 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
     if s.class_prompt:
         class_dir = Path(s.class_dir) if s.class_dir else Path(s.output_dir) / "class_images"
         generate_class_images(
-            pipe, class_dir, s.class_prompt, s.num_class_images, s.resolution, s.inference_steps, s.seed, s.progress
+            pipe, class_dir, s.class_prompt, s.num_class_images, s.resolution, s.inference_steps, s.guidance_scale,
+            s.seed, s.progress,
         )
         data["class_embedding"] = encode_prompt(pipe, s.class_prompt)
         class_images = load_images(class_dir, s.resolution, "class folder")

@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[DreamBoothSettings, str |
     g.add_argument("--num-validation-images", type=int, default=d["num_validation_images"].default)
     g.add_argument("--inference-steps", type=int, default=d["inference_steps"].default,
                    help="denoising steps of class and validation images")
-    g.add_argument("--guidance-scale", type=float, default=d["guidance_scale"].default)
+    g.add_argument("--guidance-scale", type=float, default=d["guidance_scale"].default,
+                   help="classifier-free guidance of class and validation images")
     g.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     a = p.parse_args(argv)
     settings = DreamBoothSettings(
