@@ -101,6 +101,7 @@ def run_settings(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def instance_prompt() -> str:
+    """The prompt of the subject: "a white sks on a black background"."""
     return shapes.format_caption(SUBJECT["color"], TOKEN, SUBJECT["background"])
 
 
@@ -112,6 +113,7 @@ def recontext_targets(n: int) -> list[dict[str, str]]:
 
 
 def make_instance_images(folder: Path, n: int, seed: int) -> None:
+    """``n`` jittered renders of the subject in ``folder`` (kept if already there)."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         path = folder / f"star_{i:03d}.png"
@@ -137,6 +139,7 @@ def finetune(a: argparse.Namespace, out: Path, variant: str) -> Path:
 
 
 def load(a: argparse.Namespace, folder: Path | None) -> Any:
+    """The base pipeline (``folder=None``) or a finetune: a saved pipeline or LoRA weights on the base."""
     if folder is None or a.lora_rank is None:
         return load_pipeline(str(folder) if folder is not None else a.base)
     pipe = load_pipeline(a.base)
@@ -189,8 +192,8 @@ class Runner:
         path = self.out / "images" / f"{config.replace(' + ', '+')}-{name}.npz"
         if path.exists():
             return np.load(path)["images"]
-        seeds = [self.a.seed + i for i in range(len(prompts))]
         a = self.a
+        seeds = [a.seed + i for i in range(len(prompts))]
         images = generate(self.pipe(config), prompts, seeds, a.inference_steps, a.guidance_scale, progress=False)
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, images=images)
