@@ -200,27 +200,52 @@ def train_classifier(
 
     Returns the model (eval mode) and a dict of training facts.
     """
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     start = time.time()
     data = shapes.make_dataset(n_train, seed=seed + 1000, include_heldout=True)
-    images = to_tensor(data.images)
     model = AttributeClassifier()
-    labels = _labels(data.attributes, model.attributes)
+    fit_classifier(model, to_tensor(data.images), _labels(data.attributes, model.attributes),
+                   epochs, batch_size, lr, seed, progress)
+    info = {
+        "n_train": n_train,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "seed": seed,
+        "train_seconds": round(time.time() - start, 1),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    return model, info
+
+
+def fit_classifier(
+    model: AttributeClassifier,
+    images: torch.Tensor,
+    labels: dict[str, torch.Tensor],
+    epochs: int = 3,
+    batch_size: int = 128,
+    lr: float = 3e-3,
+    seed: int = 0,
+    progress: bool = True,
+) -> AttributeClassifier:
+    """Train ``model`` on ``images`` (float ``(n, 3, H, W)`` in [0, 1]) with ``labels`` (value
+    indices per attribute): AdamW with a one-cycle schedule, :func:`augment` and random flips
+    (every attribute is flip-invariant). Returns ``model`` in eval mode."""
+    from tqdm.auto import tqdm
+
+    n = len(images)
     gen = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(n_train / batch_size)
+    steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
     bar = tqdm(total=total, desc="classifier", disable=not progress)
     model.train()
     for _ in range(epochs):
-        perm = torch.randperm(n_train, generator=gen)
+        perm = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = perm[i * batch_size : (i + 1) * batch_size]
             x = augment(images[idx], gen)
-            # occasional horizontal flips (all attributes are flip-invariant)
             flip = torch.rand(len(idx), generator=gen) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
             logits = model(x)
@@ -232,17 +257,7 @@ def train_classifier(
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
     bar.close()
-    model.eval()
-    info = {
-        "n_train": n_train,
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "lr": lr,
-        "seed": seed,
-        "train_seconds": round(time.time() - start, 1),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    return model, info
+    return model.eval()
 
 
 def evaluate_classifier(model: AttributeClassifier, n: int = 3000, seed: int = 12345) -> dict[str, dict[str, float]]:
@@ -296,7 +311,6 @@ def load_classifier(path: str | Path | None = None) -> AttributeClassifier:
 # ----------------------------------------------------------------------------- scoring
 
 
-@torch.no_grad()
 def score_adherence(
     images: Any,
     prompts: Sequence[str],
@@ -320,9 +334,24 @@ def score_adherence(
     """
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    targets = [shapes.parse_caption(p).as_dict() for p in prompts]
+    return score_attributes(images, targets, classifier, batch_size, return_predictions)
+
+
+@torch.no_grad()
+def score_attributes(
+    images: Any,
+    targets: Sequence[dict[str, str]],
+    classifier: AttributeClassifier | None = None,
+    batch_size: int = 128,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Like :func:`score_adherence`, against the expected value of every attribute of the
+    classifier, e.g. ``{"shape": "star", "color": "white", "background": "black"}`` per image."""
+    if len(images) != len(targets):
+        raise ValueError(f"{len(images)} images but {len(targets)} targets")
     model = classifier if classifier is not None else load_classifier()
     model.eval()
-    targets = [shapes.parse_caption(p).as_dict() for p in prompts]
     x = to_tensor(images)
     preds: dict[str, list[str]] = {name: [] for name in model.attributes}
     for i in range(0, len(x), batch_size):

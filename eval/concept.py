@@ -11,16 +11,16 @@ name a novel shape (which :func:`eval.adherence.score_adherence`, parsing captio
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from eval import shapes
-from eval.adherence import AttributeClassifier, augment, load_classifier, save_classifier, to_tensor
+from eval.adherence import (
+    AttributeClassifier, augment, fit_classifier, load_classifier, save_classifier, score_attributes, to_tensor,
+)
 
 CONCEPT_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "shape": shapes.SHAPES + shapes.NOVEL_SHAPES,
@@ -52,37 +52,15 @@ def concept_dataset(n: int, seed: int, novel_share: float = 0.25) -> tuple[np.nd
     return images[order], [labels[i] for i in order]
 
 
-def _label_tensors(labels: Sequence[dict[str, str]], attributes: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    return {name: torch.tensor([vals.index(lab[name]) for lab in labels]) for name, vals in attributes.items()}
-
-
 def train_concept_classifier(
     n_train: int = 16000, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, seed: int = 0
 ) -> AttributeClassifier:
     """Train the concept classifier as :func:`eval.adherence.train_classifier` trains the shipped one."""
     torch.manual_seed(seed)
     data, labels = concept_dataset(n_train, seed=seed + 1000)
-    images = to_tensor(data)
     model = AttributeClassifier(attributes=CONCEPT_ATTRIBUTES)
-    targets = _label_tensors(labels, model.attributes)
-    gen = torch.Generator().manual_seed(seed)
-    steps = math.ceil(n_train / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n_train, generator=gen)
-        for i in range(steps):
-            idx = perm[i * batch_size : (i + 1) * batch_size]
-            x = augment(images[idx], gen)
-            flip = torch.rand(len(idx), generator=gen) < 0.5
-            logits = model(torch.where(flip[:, None, None, None], x.flip(3), x))
-            loss = sum(F.cross_entropy(logits[name], targets[name][idx]) for name in logits)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-    return model.eval()
+    targets = {name: torch.tensor([vals.index(lab[name]) for lab in labels]) for name, vals in model.attributes.items()}
+    return fit_classifier(model, to_tensor(data), targets, epochs, batch_size, lr, seed, progress=False)
 
 
 def load_concept_classifier() -> AttributeClassifier:
@@ -90,26 +68,12 @@ def load_concept_classifier() -> AttributeClassifier:
     return load_classifier(CONCEPT_CLASSIFIER_DIR)
 
 
-@torch.no_grad()
 def score_concept(
     images: Any, targets: Sequence[dict[str, str]], classifier: AttributeClassifier | None = None
 ) -> dict[str, float]:
-    """Share of ``images`` whose predicted attributes match ``targets``, per attribute and all at once.
-
-    Args:
-        images: anything :func:`eval.adherence.to_tensor` takes, one image per target.
-        targets: the expected value of every attribute of the classifier, e.g.
-            ``{"shape": "star", "color": "white", "background": "black"}``.
-        classifier: default: :func:`load_concept_classifier`.
-    """
-    if len(images) != len(targets):
-        raise ValueError(f"{len(images)} images but {len(targets)} targets")
-    model = classifier if classifier is not None else load_concept_classifier()
-    preds = model.predict(to_tensor(images))
-    correct = {name: np.array([p == t[name] for p, t in zip(preds[name], targets)]) for name in model.attributes}
-    result = {name: float(c.mean()) for name, c in correct.items()}
-    result["all_correct"] = float(np.stack(list(correct.values())).all(0).mean())
-    return result
+    """Share of ``images`` whose predicted attributes match ``targets``, per attribute and all at
+    once (:func:`eval.adherence.score_attributes` with the concept classifier by default)."""
+    return score_attributes(images, targets, classifier if classifier is not None else load_concept_classifier())
 
 
 def main(argv: list[str] | None = None) -> int:
