@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import agentsd
-from eval.latency import PeakMemory, ZeroAttnProcessor
+from eval.latency import PeakMemory, build_methods
 
 METHODS = ("sd", "tomesd", "agentsd")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -39,11 +39,19 @@ _DATA = Path(__file__).resolve().parent / "data"
 
 @dataclass
 class Variant:
-    """A method at a merge ratio (``None`` for methods without one), switchable on a pipeline."""
+    """A method at a merge ratio (``None`` for methods without one), switchable on a pipeline.
+
+    AgentSD is applied to the pipeline, so its phases follow the pipeline's steps; tomesd and the
+    bound act on the UNet as in the latency benchmark (:func:`eval.latency.build_methods`).
+    """
 
     method: str
     ratio: float | None = None
-    _saved: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _unet_method: Any = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.method in ("tomesd", "bound"):
+            self._unet_method = build_methods([self.method], [self.ratio])[0]
 
     @property
     def key(self) -> str:
@@ -54,27 +62,16 @@ class Variant:
         return self.method != "bound"
 
     def apply(self, pipe: Any) -> None:
-        if self.method == "tomesd":
-            import tomesd
-
-            tomesd.apply_patch(pipe, ratio=self.ratio)
-        elif self.method == "agentsd":
+        if self.method == "agentsd":
             agentsd.apply_patch(pipe, ratio=self.ratio)
-        elif self.method == "bound":
-            for name, (module, _) in agentsd.self_attention_layers(pipe.unet, 1).items():
-                self._saved[name] = module.processor
-                module.set_processor(ZeroAttnProcessor())
+        elif self._unet_method is not None:
+            self._unet_method.apply(pipe.unet)
 
     def remove(self, pipe: Any) -> None:
-        if self.method == "tomesd":
-            import tomesd
-
-            tomesd.remove_patch(pipe)
-        elif self.method == "agentsd":
+        if self.method == "agentsd":
             agentsd.remove_patch(pipe)
-        elif self.method == "bound":
-            for name, (module, _) in agentsd.self_attention_layers(pipe.unet, 1).items():
-                module.set_processor(self._saved.pop(name))
+        elif self._unet_method is not None:
+            self._unet_method.remove(pipe.unet)
 
 
 def build_variants(methods: Iterable[str], ratios: Iterable[float], bound: bool = True) -> list[Variant]:

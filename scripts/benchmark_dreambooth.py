@@ -47,6 +47,7 @@ from agentsd.dreambooth import DreamBoothSettings, load_pipeline, train_dreamboo
 from eval import shapes  # noqa: E402
 from eval.adherence import generate, score_adherence  # noqa: E402
 from eval.concept import load_concept_classifier, score_concept  # noqa: E402
+from eval.latency import build_methods  # noqa: E402
 
 SUBJECT = {"shape": "star", "color": "white", "background": "black"}
 TOKEN = "sks"
@@ -59,6 +60,7 @@ CONFIGS: dict[str, tuple[str | None, bool]] = {
     "agentsd-ft": ("agentsd", False),
     "agentsd-ft + agent": ("agentsd", True),
 }
+BOUND = "bound"  # timing only: the finetuned UNet with its patched self-attention free
 QUICK = {"steps": 4, "num_instance": 2, "num_class_images": 2, "batch_size": 1, "n_eval": 2, "inference_steps": 3,
          "repeats": 2, "timing_images": 2}
 
@@ -217,31 +219,41 @@ class Runner:
         self.save()
 
     def timing(self) -> None:
-        """Interleaved repeats: every configuration once per repeat, same prompts and seeds."""
+        """Interleaved repeats: every configuration once per repeat, same prompts and seeds; plus the
+        bound: the plain finetune whose patched self-attention layers return zeros."""
         prompts = [instance_prompt()] * self.a.timing_images
         seeds = list(range(self.a.timing_images))
         samples = self.results["timing"]
-        if min(len(samples.get(c, [])) for c in CONFIGS) >= self.a.repeats:
+        bound = build_methods(["bound"], [])[0]
+
+        def run(config: str) -> float:
+            pipe = self.pipe("dreambooth" if config == BOUND else config)
+            if config == BOUND:
+                bound.apply(pipe.unet)
+            start = time.perf_counter()
+            generate(pipe, prompts, seeds, self.a.inference_steps, self.a.guidance_scale, progress=False)
+            seconds = time.perf_counter() - start
+            if config == BOUND:
+                bound.remove(pipe.unet)
+            return seconds / len(prompts)
+
+        timed = [*CONFIGS, BOUND]
+        if min(len(samples.get(c, [])) for c in timed) >= self.a.repeats:
             return
-        for config in CONFIGS:  # warm-up, untimed
-            generate(self.pipe(config), prompts[:1], seeds[:1], self.a.inference_steps, self.a.guidance_scale,
-                     progress=False)
-        while min(len(samples.get(c, [])) for c in CONFIGS) < self.a.repeats:
-            for config in CONFIGS:
-                if len(samples.get(config, [])) >= self.a.repeats:
-                    continue
-                pipe = self.pipe(config)
-                start = time.perf_counter()
-                generate(pipe, prompts, seeds, self.a.inference_steps, self.a.guidance_scale, progress=False)
-                samples.setdefault(config, []).append((time.perf_counter() - start) / len(prompts))
+        for config in timed:  # warm-up, untimed
+            run(config)
+        while min(len(samples.get(c, [])) for c in timed) < self.a.repeats:
+            for config in timed:
+                if len(samples.get(config, [])) < self.a.repeats:
+                    samples.setdefault(config, []).append(run(config))
             self.save()
 
 
 def table(results: dict[str, Any]) -> str:
     """The markdown table of ``results``."""
     t = results["timing"]
-    median = {c: statistics.median(t[c]) for c in CONFIGS}
-    ref = median["dreambooth"]
+    median = {c: statistics.median(t[c]) for c in [*CONFIGS, BOUND]}
+    ref, floor = median["dreambooth"], median[BOUND]
     s = results["settings"]
     model = f"LoRA rank {s['lora_rank']}" if s["lora_rank"] else "full UNet"
     lines = [
@@ -252,19 +264,26 @@ def table(results: dict[str, Any]) -> str:
         f"{s['timing_images']} images.",
         "",
         "| configuration | finetuned with AgentSD | agent attention at inference | s/image | speed-up vs dreambooth "
-        "| star (subject prompt) | all right (subject prompt) | star (new colours) | all right (new colours) "
-        "| held-out adherence (all right) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| share of possible saving | star (subject prompt) | all right (subject prompt) | star (new colours) "
+        "| all right (new colours) | held-out adherence (all right) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def share(seconds: float) -> str:
+        return f"{(ref - seconds) / (ref - floor):.0%}" if ref > floor else "–"
+
     for config, (variant, agent) in CONFIGS.items():
         q = results["quality"][config]
         tuned = "–" if variant is None else ("yes" if variant == "agentsd" else "no")
         lines.append(
             f"| {config} | {tuned} | {'every step' if agent else 'no'} | {median[config]:.3f} | "
-            f"{ref / median[config]:.2f}x | {q['subject']['shape']:.0%} | {q['subject']['all_correct']:.0%} | "
+            f"{ref / median[config]:.2f}x | {share(median[config])} | {q['subject']['shape']:.0%} | "
+            f"{q['subject']['all_correct']:.0%} | "
             f"{q['new_contexts']['shape']:.0%} | {q['new_contexts']['all_correct']:.0%} | "
             f"{q['heldout_adherence']['all_correct']:.0%} |"
         )
+    lines.append(f"| bound: patched self-attention free | no | – | {floor:.3f} | {ref / floor:.2f}x | 100% "
+                 "| – | – | – | – | – |")
     return "\n".join(lines) + "\n"
 
 

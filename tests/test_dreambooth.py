@@ -26,7 +26,7 @@ from agentsd.dreambooth import (
 )
 from eval import reference_components as rc
 from eval import shapes
-from scripts.benchmark_dreambooth import CONFIGS
+from scripts.benchmark_dreambooth import BOUND, CONFIGS
 from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
 
@@ -271,9 +271,9 @@ def test_benchmark_smoke_run_keeps_its_work_and_resumes(base_model: str, tmp_pat
             "--inference-steps", "2", "--repeats", "1", "--timing-images", "1", "--num-class-images", "1"]
     assert benchmark_main(args) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert set(results["quality"]) == set(results["timing"]) == set(CONFIGS)
+    assert set(results["quality"]) == set(CONFIGS) and set(results["timing"]) == {*CONFIGS, BOUND}
     assert all(0 <= q["subject"]["shape"] <= 1 for q in results["quality"].values())
-    assert (tmp_path / "results.md").read_text().count("\n| ") == len(CONFIGS) + 1
+    assert (tmp_path / "results.md").read_text().count("\n| ") == len(CONFIGS) + 2  # header, rows, bound
     assert (tmp_path / "finetune-plain" / "unet" / "config.json").exists()
     assert agentsd.stored_config(load_pipeline(str(tmp_path / "finetune-agentsd"))).agent_fraction == 1.0
     # a rerun reuses everything (and a longer timing run adds repeats to the kept samples)
@@ -281,5 +281,6 @@ def test_benchmark_smoke_run_keeps_its_work_and_resumes(base_model: str, tmp_pat
     assert benchmark_main([*args, "--repeats", "2"]) == 0
     again = json.loads((tmp_path / "results.json").read_text())
     assert again["quality"] == results["quality"]
-    assert all(again["timing"][c][:1] == results["timing"][c] and len(again["timing"][c]) == 2 for c in CONFIGS)
+    assert all(again["timing"][c][:1] == results["timing"][c] and len(again["timing"][c]) == 2
+               for c in [*CONFIGS, BOUND])
     assert (tmp_path / "images" / "base-subject.npz").stat().st_mtime_ns == stamp
