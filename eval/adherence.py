@@ -27,29 +27,14 @@ from eval import shapes
 
 CLASSIFIER_FILE = "attribute_classifier.safetensors"
 CONFIG_FILE = "attribute_classifier.json"
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def reference_model_dir() -> Path:
-    """Folder of the embedded reference model and its attribute classifier:
-    ``agentsd/reference_model`` of this checkout.
+    """Folder of the embedded reference model and its attribute classifier
+    (:data:`agentsd.REFERENCE_MODEL`)."""
+    import agentsd
 
-    Falls back to the installed ``agentsd`` package when this checkout has no such folder.
-    """
-    local = _REPO_ROOT / "agentsd" / "reference_model"
-    if (local / CLASSIFIER_FILE).exists():
-        return local
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("agentsd")
-        if spec is not None and spec.origin is not None:
-            installed = Path(spec.origin).parent / "reference_model"
-            if (installed / CLASSIFIER_FILE).exists():
-                return installed
-    except (ImportError, ValueError):
-        pass
-    return local
+    return agentsd.REFERENCE_MODEL
 
 
 class AttributeClassifier(nn.Module):

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--quick`` changes the defaults of the sizes to a smoke-test preset)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder (a rerun resumes from it)")
-    p.add_argument("--base", default=str(REPO_ROOT / "agentsd" / "reference_model"), help="base pipeline folder")
+    p.add_argument("--base", default=str(agentsd.REFERENCE_MODEL), help="base pipeline folder")
     p.add_argument("--quick", action="store_true", help=f"smoke-test sizes (options given still apply): {QUICK}")
     p.add_argument("--steps", type=int, default=400, help="finetuning steps")
     p.add_argument("--learning-rate", type=float, default=1e-4)

@@ -20,11 +20,13 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import agentsd  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REPO_ROOT / "agentsd" / "reference_model"), help="output folder")
+    p.add_argument("--out", default=str(agentsd.REFERENCE_MODEL), help="output folder")
     p.add_argument("--n-train", type=int, default=20000, help="generated training images")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)

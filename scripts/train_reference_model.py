@@ -41,6 +41,8 @@ from typing import Any
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
+import agentsd  # noqa: E402
+
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -85,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=str(REPO_ROOT / "agentsd" / "reference_model"),
+    g.add_argument("--out", default=str(agentsd.REFERENCE_MODEL),
                    help="pipeline folder (default: agentsd/reference_model)")
     g.add_argument("--ckpt-dir", default=None,
                    help="checkpoint folder (default: <out>/../reference_model_ckpt)")

@@ -30,7 +30,6 @@ from scripts.benchmark_dreambooth import BOUND, CONFIGS
 from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
 
-REFERENCE_MODEL = Path(agentsd.__file__).resolve().parent / "reference_model"
 PROMPT = "a white sks on a black background"
 
 
@@ -49,7 +48,7 @@ def random_reference_pipeline(folder: Path) -> str:
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The pipeline the tests finetune (64 px, 16 x 16 latents)."""
-    return random_reference_pipeline(tmp_path_factory.mktemp("base"))  # embedded model: return str(REFERENCE_MODEL)
+    return random_reference_pipeline(tmp_path_factory.mktemp("base"))  # embedded model: return str(agentsd.REFERENCE_MODEL)
 
 
 @pytest.fixture(scope="module")
