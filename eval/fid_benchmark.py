@@ -15,6 +15,7 @@ on the first batches only.
 from __future__ import annotations
 
 import json
+import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -255,8 +256,15 @@ def _synchronize(pipe: Any) -> None:
         torch.cuda.synchronize()
 
 
+def machine_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its thread count: where the timings were taken."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
 def generate_all(
-    pipe: Any,
+    load_pipeline: Callable[[], Any],
     variants: list[Variant],
     protocol: Protocol,
     out: Path,
@@ -266,6 +274,11 @@ def generate_all(
     progress: bool = True,
 ) -> State:
     """Generate every image of every variant that is not on disk yet (see the module docstring).
+
+    ``load_pipeline`` is called only when something is left to generate, so a finished run
+    computes its metrics on a machine that cannot load (or run) the model. The machine, torch
+    version and scheduler of the generation are recorded in ``state.json`` ("generated_with");
+    resuming on another machine raises ValueError instead of mixing timings.
 
     The ``bound`` is timed on the first ``bound_batches`` batches only (all when ``None``): it
     keeps no images, so more batches only refine its time.
@@ -288,6 +301,13 @@ def generate_all(
             if not done(v, *b) and (v.keeps_images or bound_batches is None or i < bound_batches)]
     if not todo:
         return state
+    pipe = load_pipeline()
+    generated_with = dict(machine=machine_name(pipe.unet.device), torch=torch.__version__,
+                          scheduler=type(pipe.scheduler).__name__)
+    old = state.data.setdefault("generated_with", generated_with)
+    if old != generated_with:
+        raise ValueError(f"{out} was generated with {old}, not {generated_with}: its timings would mix; "
+                         "use another --out or --fresh")
     pipe.set_progress_bar_config(disable=True)
     warm_steps = min(protocol.num_inference_steps, 4)  # both AgentSD phases, kernel selection
     _generate(pipe, protocol, *batches[0], steps=warm_steps)  # one-time allocations, charged to none

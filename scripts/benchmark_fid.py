@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import warnings
@@ -73,6 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/fid_<protocol>)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
+    p.add_argument("--skip-metrics", action="store_true",
+                   help="stop after generation (on a machine without the FID network); "
+                        "the same command without it later computes the metrics and generates nothing")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.protocol].items():
@@ -149,30 +151,36 @@ def main(argv: list[str] | None = None) -> None:
         return fb.shapes_real_images(num_real, args.seed, args.size)
 
     model = args.model or str(reference_model_dir())
-    pipe = load_pipeline(model, device, dtype)
-    if args.protocol == "paper":
-        pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+
+    def pipeline():
+        pipe = load_pipeline(model, device, dtype)
+        if args.protocol == "paper":
+            pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
+        return pipe
+
     if args.fresh and args.out.exists():
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
-    machine = (torch.cuda.get_device_name() if device.startswith("cuda")
-               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     setup = dict(
         model=args.model or "embedded reference model", protocol=protocol.describe(),
-        scheduler=type(pipe.scheduler).__name__, batch_size=args.batch_size, dtype=dtype_name, device=device,
-        seed=args.seed, reference=str(args.reference_dir) if args.reference_dir else "procedural generator",
-        num_real=num_real,
+        batch_size=args.batch_size, dtype=dtype_name, device=device, seed=args.seed,
+        reference=str(args.reference_dir) if args.reference_dir else "procedural generator", num_real=num_real,
     )
     try:
-        fb.generate_all(pipe, variants, protocol, args.out, args.batch_size, setup,
-                        bound_batches=args.bound_batches or None, progress=not args.no_progress)
+        state = fb.generate_all(pipeline, variants, protocol, args.out, args.batch_size, setup,
+                                bound_batches=args.bound_batches or None, progress=not args.no_progress)
     except ValueError as e:
         fail(str(e))
-    rows = fb.compute_metrics(variants, protocol, args.out, real_images, device, progress=not args.no_progress)
-    setup = {**setup, "machine": machine, "torch": torch.__version__}
+    if args.skip_metrics:
+        print(f"images and timings in {args.out}/; rerun without --skip-metrics for the metrics")
+        return
+    metrics_device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
+    rows = fb.compute_metrics(variants, protocol, args.out, real_images, metrics_device,
+                              progress=not args.no_progress)
+    setup = {**setup, **state.data["generated_with"]}
     report.write_results(rows, setup, args.out)
     title = (f"{setup['model']}, {protocol.name}: {len(protocol.prompts)} images, {protocol.num_inference_steps} "
-             f"steps, {dtype_name}, {machine}")
+             f"steps, {dtype_name}, {setup['machine']}")
     report.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=title)
     store = fb.ImageStore(args.out / "images")
     n = min(args.grid_columns, len(protocol.prompts))

@@ -80,6 +80,35 @@ def test_other_settings_in_the_same_folder_are_refused(model_dir, tmp_path):
     run(*common, "--steps", "3", "--fresh")  # starts over
 
 
+def test_generation_and_metrics_can_run_on_different_machines(model_dir, tmp_path, monkeypatch):
+    """--skip-metrics generates only (e.g. on a GPU without the FID network); the same command
+    later computes the metrics without loading the model; resuming generation on another
+    machine is refused, since the timings would mix."""
+    import scripts.benchmark_fid as script
+
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--num-images", "2", "--methods", "sd", "--no-bound", "--steps", "2",
+            "--batch-size", "2", "--out", str(out)]
+    run(*args, "--skip-metrics")
+    assert not (out / "results.json").exists() and len(list((out / "images" / "sd").glob("*.png"))) == 2
+    generated_with = json.loads((out / "state.json").read_text())["generated_with"]
+
+    def no_model(*a, **k):
+        raise AssertionError("a finished generation must not load the model")
+
+    with monkeypatch.context() as m:
+        m.setattr(script, "load_pipeline", no_model)
+        run(*args)
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["machine"] == generated_with["machine"]
+    assert np.isfinite(results["rows"][0]["fid"])
+
+    (out / "images" / "sd" / "00001.png").unlink()
+    monkeypatch.setattr(fb, "machine_name", lambda device: "another machine")
+    with pytest.raises(SystemExit, match="timings would mix"):
+        run(*args)
+
+
 def error_of(capsys, *args: str) -> str:
     """The message with which the script stops (in-process: it exits before any work)."""
     with pytest.raises(SystemExit) as stop:
