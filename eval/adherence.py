@@ -359,7 +359,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 3.0,
     batch_size: int = 50,
     progress: bool = True,
 ) -> np.ndarray:
@@ -391,7 +391,7 @@ def evaluate_pipeline(
     n: int = 200,
     seed: int = 0,
     num_inference_steps: int = 25,
-    guidance_scale: float = 5.0,
+    guidance_scale: float = 3.0,
     batch_size: int = 50,
     classifier: AttributeClassifier | None = None,
     progress: bool = True,

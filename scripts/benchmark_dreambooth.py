@@ -81,7 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prior-loss-weight", type=float, default=1.0)
     p.add_argument("--n-eval", type=int, default=50, help="images per prompt set and configuration")
     p.add_argument("--inference-steps", type=int, default=25)
-    p.add_argument("--guidance-scale", type=float, default=5.0)
+    p.add_argument("--guidance-scale", type=float, default=3.0,
+                   help="classifier-free guidance (default: 3.0, the embedded model's best; see its model card)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     p.add_argument("--timing-images", type=int, default=8, help="images per timed generation (one batch)")
     p.add_argument("--seed", type=int, default=0)

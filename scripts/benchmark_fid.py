@@ -36,8 +36,8 @@ for _lib in ("TRANSFORMERS", "DIFFUSERS"):  # library chatter would bury the res
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 PRESETS = {
-    "quick": dict(num_images=64, ratios=[0.4], steps=25, guidance=5.0, batch_size=32, size=64),
-    "full": dict(num_images=500, ratios=[0.1, 0.2, 0.3, 0.4, 0.5], steps=50, guidance=5.0, batch_size=50, size=64),
+    "quick": dict(num_images=64, ratios=[0.4], steps=25, guidance=3.0, batch_size=32, size=64),
+    "full": dict(num_images=500, ratios=[0.1, 0.2, 0.3, 0.4, 0.5], steps=50, guidance=3.0, batch_size=50, size=64),
     "paper": dict(num_images=2000, ratios=[0.1, 0.2, 0.3, 0.4, 0.5], steps=50, guidance=7.5, batch_size=8, size=512),
 }
 

@@ -24,7 +24,6 @@ from agentsd.dreambooth import (
     load_pipeline,
     train_dreambooth,
 )
-from eval import reference_components as rc
 from eval import shapes
 from scripts.benchmark_dreambooth import BOUND, CONFIGS
 from scripts.benchmark_dreambooth import main as benchmark_main
@@ -33,22 +32,10 @@ from scripts.train_dreambooth import main as train_main
 PROMPT = "a white sks on a black background"
 
 
-def random_reference_pipeline(folder: Path) -> str:
-    """A pipeline with the embedded model's architecture and tokenizer, random weights, saved."""
-    torch.manual_seed(0)
-    cfg, tokenizer = rc.ModelConfig(), rc.build_tokenizer()
-    StableDiffusionPipeline(
-        unet=rc.build_unet(cfg), vae=rc.build_vae(cfg), text_encoder=rc.build_text_encoder(cfg, len(tokenizer)),
-        tokenizer=tokenizer, scheduler=rc.build_inference_scheduler(), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
-    ).save_pretrained(folder)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+def base_model() -> str:
     """The pipeline the tests finetune (64 px, 16 x 16 latents)."""
-    return random_reference_pipeline(tmp_path_factory.mktemp("base"))  # embedded model: return str(agentsd.REFERENCE_MODEL)
+    return str(agentsd.REFERENCE_MODEL)
 
 
 @pytest.fixture(scope="module")
