@@ -78,7 +78,7 @@ def bipartite_merges(
     """
     b, n, _ = x.shape
     device = x.device
-    dst, src = dst.to(device), src.to(device)
+    dst, src = _to_device(dst, device), _to_device(src, device)
     num_dst, num_src = dst.numel(), src.numel()
     removed = [min(r, num_src) for r in removed]
     with torch.no_grad():
@@ -101,6 +101,16 @@ def bipartite_merges(
         slots[:, src] = src_slots
         m = n - r
         index = (slots + batch * m).flatten()
-        counts = torch.bincount(index, minlength=b * m).unsqueeze(1)
+        # not bincount: on CUDA it reads the maximum back to the host, a sync per layer
+        counts = torch.zeros(b * m, dtype=torch.long, device=device).scatter_add_(0, index, torch.ones_like(index))
+        counts = counts.unsqueeze(1)
         merges.append(TokenMerge(index, counts, n, m))
     return merges
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small CPU index tensor to ``device`` without stalling the host: from pageable
+    memory a CUDA copy waits for the GPU queue to drain, from pinned memory it is queued."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

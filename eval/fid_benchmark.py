@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import agentsd
-from eval.latency import PeakMemory, build_methods
+from eval.latency import PeakMemory, build_methods, saving_share
 
 METHODS = ("sd", "tomesd", "agentsd")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -414,5 +414,5 @@ def summarize(state: State, variants: list[Variant], protocol: Protocol) -> list
     for r in rows:
         t = r["seconds_per_image"]
         r["speedup"] = base / t if base and t else None
-        r["saving_share"] = (base - t) / (base - floor) if base and t and floor and base > floor else None
+        r["saving_share"] = saving_share(base, t, floor)
     return rows

@@ -199,6 +199,15 @@ def run_benchmark(
     return raw
 
 
+def saving_share(t_base: float | None, t: float | None, t_bound: float | None, min_saving: float = 0.02) -> float | None:
+    """``(t_base - t) / (t_base - t_bound)``: the share of the possible saving reached. None when a
+    time is missing or the bound saves less than ``min_saving`` of ``t_base``: then there is
+    nothing to share, and the ratio would only magnify noise."""
+    if not (t_base and t and t_bound) or t_base - t_bound < min_saving * t_base:
+        return None
+    return (t_base - t) / (t_base - t_bound)
+
+
 def summarize(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> list[dict[str, Any]]:
     """One row per (size, method): median seconds, speed-up, share of the possible saving."""
     rows = []
@@ -214,7 +223,7 @@ def summarize(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> l
                 min_s=min(entry["seconds"]), repeats=len(entry["seconds"]),
                 peak_mb=entry["peak_mb"],
                 speedup=t_sdpa / t if t_sdpa else None,
-                saving_share=(t_sdpa - t) / (t_sdpa - t_bound) if t_sdpa and t_bound and t_sdpa > t_bound else None,
+                saving_share=saving_share(t_sdpa, t, t_bound),
             )
             rows.append(row)
     return rows

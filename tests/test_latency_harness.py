@@ -30,3 +30,12 @@ def test_benchmark_runs_every_method_and_resumes(tmp_path):
 def test_unknown_method():
     with pytest.raises(ValueError, match="unknown method 'fast'"):
         build_methods(["fast"], [0.4])
+
+
+def test_saving_share_is_left_out_when_the_bound_saves_nothing():
+    from eval.latency import saving_share
+
+    assert saving_share(1.0, 0.9, 0.8) == pytest.approx(0.5)
+    assert saving_share(1.0, 1.1, 0.8) == pytest.approx(-0.5)  # slower than the baseline
+    assert saving_share(1.0, 0.9, 0.99) is None  # a 1 % possible saving: noise, not a share
+    assert saving_share(None, 0.9, 0.8) is None
