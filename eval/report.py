@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,7 @@ def plot_fid_vs_time(rows: list[dict[str, Any]], path: Path, title: str = "") ->
         ax.axvline(bound, color="grey", linestyle=":", label="bound (patched attention free)")
     ax.set_xlabel("seconds per image")
     ax.set_ylabel("FID (lower is better)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

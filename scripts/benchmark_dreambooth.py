@@ -47,7 +47,7 @@ from agentsd.dreambooth import DreamBoothSettings, load_pipeline, train_dreamboo
 from eval import shapes  # noqa: E402
 from eval.adherence import generate, score_adherence  # noqa: E402
 from eval.concept import load_concept_classifier, score_concept  # noqa: E402
-from eval.latency import build_methods  # noqa: E402
+from eval.latency import build_methods, saving_share  # noqa: E402
 
 SUBJECT = {"shape": "star", "color": "white", "background": "black"}
 TOKEN = "sks"
@@ -271,7 +271,8 @@ def table(results: dict[str, Any]) -> str:
     ]
 
     def share(seconds: float) -> str:
-        return f"{(ref - seconds) / (ref - floor):.0%}" if ref > floor else "–"
+        value = saving_share(ref, seconds, floor)
+        return "–" if value is None else f"{value:.0%}"
 
     for config, (variant, agent) in CONFIGS.items():
         q = results["quality"][config]
