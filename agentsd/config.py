@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import numbers
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class AgentSDConfig:
     The first ``agent_fraction`` of the denoising steps run agent attention on merged tokens
     (``sx x sy`` cells, ``ratio``, ``agent_ratio``); the remaining steps run ToMe on
     ``tome_sx x tome_sy`` cells with ``tome_ratio`` (``ratio`` when ``None``) and no agents.
+
+    As in the official code, agents are used only when they are fewer than half the merged
+    tokens; otherwise the step runs plain attention on the merged tokens. ``max_downsample=None``
+    patches the highest-resolution level that has self-attention (1 for SD 1.x/2.x, 2 for SDXL).
+    ``use_rand=False`` takes the top-left token of every cell as its dst (so does an odd batch,
+    as in the official code). ``merge_crossattn`` and ``merge_mlp`` run the cross-attention and
+    the feed-forward of the patched blocks on the merged tokens too.
     """
 
     ratio: float = 0.4
@@ -53,9 +61,12 @@ class AgentSDConfig:
     tome_sy: int = 2
     k_scale2: float = 0.3
     k_shortcut: float = 0.075
-    max_downsample: int = 1
+    max_downsample: int | None = None
     attn_precision: str | None = None
     seed: int = 0
+    use_rand: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
 
     def __post_init__(self) -> None:
         _check_range("ratio", self.ratio, 0.0, 1.0, low_open=False)
@@ -63,9 +74,11 @@ class AgentSDConfig:
         if self.tome_ratio is not None:
             _check_range("tome_ratio", self.tome_ratio, 0.0, 1.0, low_open=False)
         _check_range("agent_fraction", self.agent_fraction, 0.0, 1.0, low_open=False, high_open=False)
-        for name in ("sx", "sy", "tome_sx", "tome_sy", "max_downsample"):
+        for name in ("sx", "sy", "tome_sx", "tome_sy"):
             _check_int(name, getattr(self, name), 1)
-        if self.max_downsample & (self.max_downsample - 1):
+        if self.max_downsample is not None:
+            _check_int("max_downsample", self.max_downsample, 1)
+        if self.max_downsample is not None and self.max_downsample & (self.max_downsample - 1):
             raise ValueError(f"max_downsample must be a power of two (1, 2, 4 or 8), got {self.max_downsample}")
         _check_number("k_scale2", self.k_scale2)
         if self.k_scale2 <= 0:
@@ -74,13 +87,17 @@ class AgentSDConfig:
         if self.attn_precision not in (None, "fp32"):
             raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
         _check_int("seed", self.seed, 0)
+        for name in ("use_rand", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
 
-    @property
+    # cached: the same Phase object every step, so compiled code does not see a new one
+    @functools.cached_property
     def agent_phase(self) -> Phase:
         """The early phase: agent attention on merged tokens."""
         return Phase(self.sx, self.sy, self.ratio, self.agent_ratio)
 
-    @property
+    @functools.cached_property
     def tome_phase(self) -> Phase:
         """The late phase: ToMe, plain attention on merged tokens."""
         ratio = self.ratio if self.tome_ratio is None else self.tome_ratio

@@ -1,17 +1,40 @@
-"""Token merging (ToMe for SD) as precomputed index maps.
+"""Token merging (ToMe for SD) as precomputed index maps, computed on the device.
 
-Tokens on an ``h x w`` grid are split into *dst* tokens, one random token per ``sx x sy`` cell,
-and *src* tokens, the rest. Each src token is matched to its most cosine-similar dst token and
-the ``r`` best-matched src tokens are averaged into their dst. A match becomes one index map from
-token to slot, so that a merge is one ``index_add`` divided by slot sizes and an unmerge is one
+Tokens on an ``h x w`` grid are split into *dst* tokens, one token per ``sx x sy`` cell, and
+*src* tokens, the rest. Each src token is matched to its most cosine-similar dst token and the
+``r`` best-matched src tokens are averaged into their dst. A match becomes one index map from
+token to slot, so that a merge is one ``scatter_add_`` divided by slot sizes and an unmerge is one
 ``index_select``.
+
+Everything here has shapes that depend on the grid only, draws no random numbers from a
+generator and reads nothing back to the host, so it runs unchanged under ``torch.compile``
+(``fullgraph=True``) and CUDA graphs. The random dst choice is a counter-based hash of an integer
+key (derived from the seed, the step and the layer) and of the cell index.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
+
+_MASK32 = 0xFFFF_FFFF
+IntLike = TypeVar("IntLike", int, torch.Tensor)
+
+
+def mix32(x: IntLike) -> IntLike:
+    """A 32-bit integer hash (xor-shift-multiply), on Python ints or int64 tensors alike.
+
+    Inputs and outputs are in ``[0, 2**32)``; both multipliers are below ``2**31``, so no int64
+    product overflows and a tensor gives exactly the Python result on every device.
+    """
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
 
 
 @dataclass(frozen=True)
@@ -45,26 +68,38 @@ class TokenMerge:
         return y.reshape(b * m, c).index_select(0, self.index).view(b, self.num_tokens, c)
 
 
-def random_dst(
-    h: int, w: int, sx: int, sy: int, generator: torch.Generator | None = None
+def cell_dst(
+    h: int, w: int, sx: int, sy: int, key: torch.Tensor | None, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pick one dst token per ``sx x sy`` cell of an ``h x w`` grid (row-major token order).
 
-    Returns ``(dst, src)``: the flat positions of the dst tokens and of all other tokens, on
-    the CPU. Rows and columns past the last whole cell are all src. Without a generator the
-    top-left token of each cell is taken.
+    Args:
+        h, w: the token grid.
+        sx, sy: the cell size.
+        key: a 0-dim int64 tensor in ``[0, 2**32)``: the token of cell ``c`` is
+            ``mix32(mix32(c) ^ key) % (sx * sy)`` (the same on every device). ``None`` takes the
+            top-left token of every cell.
+        device: where to build the positions when ``key`` is None.
+
+    Returns:
+        ``(dst, src)`` on the key's device: the flat positions of the dst tokens, cell by cell, and
+        of all other tokens in ascending order. Rows and columns past the last whole cell are src.
     """
+    device = key.device if key is not None else torch.device(device)
     gh, gw = h // sy, w // sx
-    if generator is None:
-        offset = torch.zeros(gh, gw, dtype=torch.long)
-    else:
-        offset = torch.randint(sx * sy, (gh, gw), generator=generator)
-    rows = torch.arange(gh).unsqueeze(1) * sy + offset // sx
-    cols = torch.arange(gw).unsqueeze(0) * sx + offset % sx
-    dst = (rows * w + cols).flatten()
-    is_src = torch.ones(h * w, dtype=torch.bool)
-    is_src[dst] = False
-    return dst, is_src.nonzero().squeeze(1)
+    cells = torch.arange(gh * gw, device=device)
+    offset = torch.zeros_like(cells) if key is None else mix32(mix32(cells) ^ key) % (sx * sy)
+    rows = cells.div(gw, rounding_mode="floor") * sy + offset.div(sx, rounding_mode="floor")
+    cols = cells.remainder(gw) * sx + offset.remainder(sx)
+    dst = rows * w + cols
+    # src without boolean indexing: each src token goes to its rank among the src tokens, every
+    # dst token to one spare slot past the end, which is dropped
+    n, num_src = h * w, h * w - gh * gw
+    is_dst = torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, dst, True)
+    rank = torch.where(is_dst, num_src, torch.cumsum(~is_dst, 0) - 1)
+    src = torch.empty(num_src + 1, dtype=torch.long, device=device)
+    src = src.scatter_(0, rank, torch.arange(n, device=device))[:num_src]
+    return dst, src
 
 
 def bipartite_merges(
@@ -78,7 +113,6 @@ def bipartite_merges(
     """
     b, n, _ = x.shape
     device = x.device
-    dst, src = _to_device(dst, device), _to_device(src, device)
     num_dst, num_src = dst.numel(), src.numel()
     removed = [min(r, num_src) for r in removed]
     with torch.no_grad():
@@ -93,7 +127,7 @@ def bipartite_merges(
     for r in removed:
         is_merged = torch.zeros(b, num_src, dtype=torch.bool, device=device)
         if r > 0:
-            is_merged.scatter_(1, order[:, :r], True)
+            is_merged = is_merged.scatter(1, order[:, :r], True)
         kept_rank = (~is_merged).cumsum(dim=1) - 1
         src_slots = torch.where(is_merged, best_dst, num_dst + kept_rank)
         slots = torch.empty(b, n, dtype=torch.long, device=device)
@@ -103,14 +137,5 @@ def bipartite_merges(
         index = (slots + batch * m).flatten()
         # not bincount: on CUDA it reads the maximum back to the host, a sync per layer
         counts = torch.zeros(b * m, dtype=torch.long, device=device).scatter_add_(0, index, torch.ones_like(index))
-        counts = counts.unsqueeze(1)
-        merges.append(TokenMerge(index, counts, n, m))
+        merges.append(TokenMerge(index, counts.unsqueeze(1), n, m))
     return merges
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """Copy a small CPU index tensor to ``device`` without stalling the host: from pageable
-    memory a CUDA copy waits for the GPU queue to drain, from pinned memory it is queued."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)

@@ -1,16 +1,23 @@
 """Applying and removing AgentSD on a diffusers pipeline or UNet.
 
-The patch sets an :class:`~agentsd.processor.AgentSDAttnProcessor` on the self-attention of
-the transformer blocks at the chosen resolution levels, wrapping whatever processor was there,
-and adds one forward pre-hook on the UNet that records the latent size and selects the phase of
-the step in progress. No diffusers class is replaced; removal restores the same processor
-objects and leaves the modules as they were.
+The data path of a patched UNet, top to bottom:
+
+1. :func:`apply_patch` finds the transformer blocks whose self-attention (``attn1``) is at the
+   chosen resolution level, and registers the hooks of :mod:`agentsd.hooks` and the processors of
+   :mod:`agentsd.processor` on them, sharing one :class:`~agentsd.state.PatchState`.
+2. Every UNet call, :class:`~agentsd.hooks.StepHook` selects the phase and the step's key.
+3. Every patched block, :class:`~agentsd.hooks.MatchHook` matches its input tokens
+   (:mod:`agentsd.merge`).
+4. The processor merges, runs (agent) attention on SDPA (:mod:`agentsd.agent_attention`) and
+   unmerges.
+
+No diffusers class is replaced. Removal takes the hooks out of the modules' hook dicts and
+restores the same processor objects, so the modules are exactly as they were.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,59 +25,44 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from .config import AgentSDConfig, Phase
-from .processor import AgentSDAttnProcessor
-from .schedule import denoising_progress
+from .config import AgentSDConfig
+from .hooks import HOOK_TYPES, FeedForwardMergeHook, FeedForwardUnmergeHook, MatchHook, ReleaseHook, StepHook
+from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, _WrappingProcessor
+from .state import BlockState, PatchState
 
 _STATE_ATTR = "_agentsd_state"
 #: Private key of the UNet config (saved in its ``config.json``) that holds stored settings.
 CONFIG_KEY = "_agentsd_config"
 SUPPORTED = (
     "a diffusers pipeline with a UNet2DConditionModel `unet` (Stable Diffusion 1.x/2.x, SDXL, "
-    "img2img, inpaint, ControlNet, ...) or a bare UNet2DConditionModel"
+    "img2img, inpaint, ControlNet, ...) or a bare UNet2DConditionModel, also wrapped by torch.compile"
+)
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+    "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
 )
 
 
-class PatchState:
-    """What the processors of one patched UNet share: settings, latent size, current phase."""
-
-    def __init__(self, config: AgentSDConfig, pipeline: Any | None) -> None:
-        self.config = config
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
-        self.latent_size: tuple[int, int] | None = None
-        self.phase: Phase | None = None
-        self.generator = torch.Generator()
-        self.processors: dict[str, tuple[Attention, Any]] = {}
-        self.module_order: dict[str, list[str]] = {}
-        self.hook: torch.utils.hooks.RemovableHandle | None = None
-
-    def start_step(self, sample: torch.Tensor, timestep: torch.Tensor | float | int) -> None:
-        """Record the latent size and pick the phase for a UNet call at ``timestep``."""
-        self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        pipeline = self._pipeline() if self._pipeline is not None else None
-        progress = denoising_progress(
-            timestep, getattr(pipeline, "scheduler", None), getattr(pipeline, "_num_timesteps", None)
-        )
-        self.phase = self.config.phase_at(progress)
-        # Reseeded per call: the same input gives the same merge, in every run and process.
-        t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        self.generator.manual_seed(hash((self.config.seed, round(t, 4))) & 0x7FFF_FFFF_FFFF)
-
-
 def _unet_of(model: Any) -> tuple[UNet2DConditionModel, Any | None]:
-    if isinstance(model, UNet2DConditionModel):
-        return model, None
-    unet = getattr(model, "unet", None)
+    """The UNet of ``model`` and its pipeline (None for a bare UNet); ``torch.compile`` wrappers
+    (``OptimizedModule``) are looked through."""
+    pipeline = None
+    unet = getattr(model, "_orig_mod", model)
+    if not isinstance(unet, UNet2DConditionModel):
+        pipeline = model
+        unet = getattr(getattr(model, "unet", None), "_orig_mod", getattr(model, "unet", None))
     if isinstance(unet, UNet2DConditionModel):
-        return unet, model
+        return unet, pipeline
     raise TypeError(f"agentsd supports {SUPPORTED}; got {type(model).__name__}")
 
 
-def self_attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> dict[str, tuple[Attention, int]]:
-    """The self-attention modules (``attn1``) of ``unet`` at downsampling <= ``max_downsample``.
+def self_attention_layers(unet: Any, max_downsample: int | None = None) -> dict[str, tuple[Attention, int]]:
+    """The self-attention modules (``attn1``) of ``unet`` at downsampling <= ``max_downsample``
+    (None: the highest-resolution level that has self-attention).
 
     Returns ``{module name: (module, downsampling factor)}``.
     """
+    unet, _ = _unet_of(unet)
     levels: list[tuple[str, torch.nn.Module, int]] = []
     downsample = 1
     for i, block in enumerate(unet.down_blocks):
@@ -86,16 +78,30 @@ def self_attention_layers(unet: UNet2DConditionModel, max_downsample: int) -> di
 
     layers = {}
     for prefix, block, factor in levels:
-        if factor > max_downsample:
-            continue
         for name, module in block.named_modules():
             if name.endswith("attn1") and isinstance(module, Attention) and not module.is_cross_attention:
                 layers[f"{prefix}.{name}"] = (module, factor)
-    return layers
+    if max_downsample is None:
+        max_downsample = min((f for _, f in layers.values()), default=1)
+    return {name: layer for name, layer in layers.items() if layer[1] <= max_downsample}
 
 
 def _attention_levels(unet: UNet2DConditionModel) -> list[int]:
     return sorted({f for _, f in self_attention_layers(unet, 2**30).values()})
+
+
+def _transformer_blocks(unet: UNet2DConditionModel, layers: dict[str, tuple[Attention, int]]) -> dict[str, tuple[torch.nn.Module, int]]:
+    """The modules that own the given ``attn1`` layers (diffusers' ``BasicTransformerBlock``)."""
+    blocks = {}
+    for name, (attn1, factor) in layers.items():
+        parent = unet.get_submodule(name.rpartition(".")[0])
+        if getattr(parent, "attn1", None) is not attn1 or not hasattr(parent, "norm1"):
+            raise TypeError(
+                f"{name} is not the attn1 of a transformer block; agentsd supports diffusers' "
+                f"BasicTransformerBlock (found {type(parent).__name__})"
+            )
+        blocks[name.rpartition(".")[0]] = (parent, factor)
+    return blocks
 
 
 def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig | None = None, **settings: Any) -> Any:
@@ -109,14 +115,17 @@ def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig
     as it was trained, and on any other model runs the defaults.
 
     Args:
-        model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet.
+        model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet; either
+            may be wrapped by ``torch.compile``, and ``compile_repeated_blocks`` may have been
+            called before or after.
         ratio: share of the tokens merged away before attention, in [0, 1).
         config: settings to start from instead of the stored ones or the defaults, e.g.
             ``agentsd.load_config(lora_folder)`` for LoRA weights trained with AgentSD.
         **settings: any other field of :class:`~agentsd.config.AgentSDConfig`: ``agent_ratio``,
             ``sx``, ``sy``, ``agent_fraction``, ``tome_ratio``, ``tome_sx``, ``tome_sy``,
-            ``k_scale2``, ``k_shortcut``, ``max_downsample`` (2 for SDXL, whose highest level has
-            no attention), ``attn_precision`` ("fp32" for SD 2.1 in fp16) and ``seed``.
+            ``k_scale2``, ``k_shortcut``, ``max_downsample`` (default: the highest-resolution level
+            with self-attention, 1 for SD 1.x/2.x and 2 for SDXL), ``attn_precision`` ("fp32" for
+            SD 2.1 in fp16), ``seed``, ``use_rand``, ``merge_crossattn`` and ``merge_mlp``.
 
     Returns:
         ``model``, patched. A patch already there is replaced. If anything is wrong with the
@@ -137,42 +146,58 @@ def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig
     config = dataclasses.replace(base, **settings)
     layers = self_attention_layers(unet, config.max_downsample)
     if not layers:
+        levels = _attention_levels(unet)
         raise ValueError(
             f"this UNet has no self-attention at max_downsample={config.max_downsample}; its "
-            f"self-attention is at downsampling {_attention_levels(unet)} (SDXL needs max_downsample=2)"
+            f"self-attention is at downsampling {levels}"
+            + (f" (use max_downsample={levels[0]} or leave it None)" if levels else "")
         )
+    blocks = _transformer_blocks(unet, layers)
     remove_patch(unet)
 
     state = PatchState(config, pipeline)
-    for name, (module, factor) in layers.items():
-        state.module_order[name] = list(module._modules)
-        state.processors[name] = (module, module.processor)
-        module.set_processor(AgentSDAttnProcessor(module.processor, state, factor))
-
-    def pre_hook(_module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
-        state.start_step(sample, timestep)
-
-    state.hook = unet.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    for name, (block, factor) in blocks.items():
+        block_state = BlockState(state, len(state.blocks), factor)
+        state.blocks.append(block_state)
+        block.register_forward_pre_hook(MatchHook(block_state), with_kwargs=True)
+        block.register_forward_hook(ReleaseHook(block_state), always_call=True)
+        _wrap_processor(block.attn1, AgentSDAttnProcessor(block.attn1.processor, block_state))
+        if config.merge_crossattn and getattr(block, "attn2", None) is not None:
+            _wrap_processor(block.attn2, MergedCrossAttnProcessor(block.attn2.processor, block_state))
+        if config.merge_mlp and getattr(block, "ff", None) is not None:
+            block.ff.register_forward_pre_hook(FeedForwardMergeHook(block_state))
+            block.ff.register_forward_hook(FeedForwardUnmergeHook(block_state))
+    unet.register_forward_pre_hook(StepHook(state), with_kwargs=True)
     setattr(unet, _STATE_ATTR, state)
     return model
 
 
+def _wrap_processor(attn: Attention, processor: _WrappingProcessor) -> None:
+    # set_processor registers a processor that is an nn.Module as a child; remember the order
+    processor.module_order = list(attn._modules)
+    attn.set_processor(processor)
+
+
 def remove_patch(model: Any) -> Any:
-    """Undo :func:`apply_patch`: the original processor objects come back and the hook goes.
+    """Undo :func:`apply_patch`: the original processor objects come back and the hooks go.
 
     Does nothing on a model that is not patched. Returns ``model``.
     """
     unet, _ = _unet_of(model)
-    state: PatchState | None = unet.__dict__.pop(_STATE_ATTR, None)
-    if state is None:
+    if unet.__dict__.pop(_STATE_ATTR, None) is None:
         return model
-    state.hook.remove()
-    for name, (module, original) in state.processors.items():
-        if isinstance(module.processor, AgentSDAttnProcessor) and module.processor.state is state:
-            module.set_processor(original)
-            order = state.module_order[name]
+    for module in unet.modules():
+        for attr in _HOOK_DICTS:
+            hooks = module.__dict__.get(attr)
+            if hooks:
+                for key in [k for k, hook in hooks.items() if isinstance(hook, HOOK_TYPES)]:
+                    del hooks[key]
+                    for other in _HOOK_DICTS:  # the with_kwargs / always_call flags of that hook
+                        module.__dict__.get(other, {}).pop(key, None)
+        processor = getattr(module, "processor", None)
+        if isinstance(module, Attention) and isinstance(processor, _WrappingProcessor):
+            module.set_processor(processor.base)
+            order = processor.module_order
             if list(module._modules) != order:  # a processor that is an nn.Module comes back in place
                 module._modules = type(module._modules)((key, module._modules[key]) for key in order)
     return model

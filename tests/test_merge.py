@@ -2,24 +2,44 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from agentsd.merge import bipartite_merges, random_dst
+from agentsd.merge import bipartite_merges, cell_dst, mix32
+
+
+def random_dst(h, w, sx, sy, key=0):
+    return cell_dst(h, w, sx, sy, None if key is None else torch.tensor(key))
 
 
 @pytest.mark.parametrize("h,w,sx,sy", [(16, 16, 4, 4), (18, 14, 4, 4), (9, 7, 2, 2), (5, 12, 4, 2), (3, 3, 4, 4)])
-def test_random_dst_one_per_cell(h, w, sx, sy):
-    dst, src = random_dst(h, w, sx, sy, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("key", [None, 0, 12345])
+def test_dst_one_per_cell(h, w, sx, sy, key):
+    dst, src = random_dst(h, w, sx, sy, key)
     assert dst.numel() == (h // sy) * (w // sx)
     assert sorted(torch.cat([dst, src]).tolist()) == list(range(h * w))
     cells = {(int(p) // w // sy, int(p) % w // sx) for p in dst}
     assert len(cells) == dst.numel()  # every dst in its own whole cell
     assert all(r < h // sy and c < w // sx for r, c in cells)
+    assert torch.equal(src, src.sort().values)  # src in spatial order
+    if key is None:  # top-left of every cell
+        assert all(int(p) // w % sy == 0 and int(p) % w % sx == 0 for p in dst)
 
 
-def test_random_dst_seeded():
-    a = random_dst(16, 16, 4, 4, torch.Generator().manual_seed(3))[0]
-    b = random_dst(16, 16, 4, 4, torch.Generator().manual_seed(3))[0]
-    c = random_dst(16, 16, 4, 4, torch.Generator().manual_seed(4))[0]
+def test_dst_follows_the_key_only():
+    a = random_dst(16, 16, 4, 4, 3)[0]
+    b = random_dst(16, 16, 4, 4, 3)[0]
+    c = random_dst(16, 16, 4, 4, 4)[0]
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # every offset in a cell is drawn, about equally often
+    offsets = torch.stack([random_dst(64, 64, 4, 4, k)[0] for k in range(64)])
+    offsets = (offsets // 64 % 4) * 4 + offsets % 64 % 4
+    counts = torch.bincount(offsets.flatten(), minlength=16).float()
+    assert counts.min() > 0.8 * counts.mean() and counts.max() < 1.2 * counts.mean()
+
+
+def test_mix32_same_on_ints_and_tensors():
+    values = [0, 1, 2**31 - 1, 2**32 - 1, 123456789]
+    assert mix32(torch.tensor(values)).tolist() == [mix32(v) for v in values]
+    assert all(0 <= mix32(v) < 2**32 for v in values)
+    assert len({mix32(v) for v in range(1000)}) == 1000  # a bijection on 32 bits
 
 
 def naive_merge(x, dst, src, r):
@@ -42,7 +62,7 @@ def naive_merge(x, dst, src, r):
 def test_merge_matches_naive_reference_and_unmerge_restores(h, w, sx, ratio):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, h * w, 5, generator=g, dtype=torch.float64)
-    dst, src = random_dst(h, w, sx, sx, g)
+    dst, src = random_dst(h, w, sx, sx, 7)
     r = int(ratio * h * w)
     (m,) = bipartite_merges(x, dst, src, [r])
     r = min(r, src.numel())
@@ -60,7 +80,7 @@ def test_merge_matches_naive_reference_and_unmerge_restores(h, w, sx, ratio):
 
 def test_one_match_serves_several_merges():
     x = torch.randn(2, 256, 8)
-    dst, src = random_dst(16, 16, 4, 4, torch.Generator().manual_seed(0))
+    dst, src = random_dst(16, 16, 4, 4)
     tokens, agents = bipartite_merges(x, dst, src, [int(0.4 * 256), int(0.95 * 256)])
     assert tokens.num_slots == 256 - 102
     assert agents.num_slots == 16  # clipped to the number of src tokens: one agent per cell
@@ -68,7 +88,7 @@ def test_one_match_serves_several_merges():
 
 def test_merge_gradients_flow():
     x = torch.randn(1, 64, 4, requires_grad=True)
-    dst, src = random_dst(8, 8, 2, 2)
+    dst, src = random_dst(8, 8, 2, 2, None)
     (m,) = bipartite_merges(x, dst, src, [20])
     m.unmerge(m.merge(x) * 2).sum().backward()
     torch.testing.assert_close(x.grad.sum(), torch.tensor(2.0 * 64 * 4))

@@ -122,37 +122,6 @@ def test_zero_ratio_means_no_token_merging():
     assert not torch.allclose(agent_phase, plain)
 
 
-def test_processor_matches_plain_formula():
-    """One patched layer against merge + einsum written out from the paper's formula."""
-    from diffusers.models.attention_processor import Attention
-
-    from agentsd.merge import bipartite_merges, random_dst
-    from agentsd.patch import PatchState
-    from agentsd.config import AgentSDConfig
-
-    torch.manual_seed(0)
-    attn = Attention(query_dim=32, heads=4, dim_head=8).eval()
-    x = torch.randn(2, 64, 32)
-    config = AgentSDConfig(ratio=0.3, agent_ratio=0.7, sx=2, sy=2)
-    state = PatchState(config, None)
-    state.latent_size, state.phase = (8, 8), config.agent_phase
-    state.generator.manual_seed(5)
-    proc = AgentSDAttnProcessor(AttnProcessor2_0(), state, downsample=1)
-    with torch.no_grad():
-        out = proc(attn, x)
-        dst, src = random_dst(8, 8, 2, 2, torch.Generator().manual_seed(5))
-        tokens, agents = bipartite_merges(x, dst, src, [int(0.3 * 64), int(0.7 * 64)])
-        xm = tokens.merge(x)
-        heads = lambda t: t.view(2, t.shape[1], 4, 8).transpose(1, 2)
-        q, k, v = heads(attn.to_q(xm)), heads(attn.to_k(xm)), heads(attn.to_v(xm))
-        a = heads(attn.to_q(agents.merge(x)))
-        s1 = 8**-0.5
-        agent_v = torch.einsum("bhnd,bhmd->bhnm", a, k).mul(s1).softmax(-1) @ v
-        o = torch.einsum("bhid,bhnd->bhin", q, a).mul(s1**0.3).softmax(-1) @ agent_v + 0.075 * v
-        ref = tokens.unmerge(attn.to_out[0](o.transpose(1, 2).reshape(2, -1, 32)))
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
-
-
 def test_gradients_flow_through_merge_and_agents():
     unet = tiny.unet("sd1").train()
     agentsd.apply_patch(unet, agent_fraction=1.0)
@@ -160,6 +129,71 @@ def test_gradients_flow_through_merge_and_agents():
     attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     for proj in (attn1.to_q, attn1.to_k, attn1.to_v, attn1.to_out[0]):
         assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_use_rand_and_odd_batches():
+    unet = tiny.unet("sd1")
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+
+    def out(batch, **settings):
+        agentsd.apply_patch(unet, agent_fraction=1.0, **settings)
+        with torch.no_grad():
+            return unet(sample[:batch], 999, text[:batch]).sample
+
+    assert not torch.equal(out(2), out(2, use_rand=False))
+    assert not torch.equal(out(2, seed=1), out(2, seed=2))
+    # an odd batch cannot hold both CFG halves: top-left dst, as with use_rand=False
+    assert torch.equal(out(1), out(1, use_rand=False))
+    assert torch.equal(out(1, seed=1), out(1, seed=2))
+
+
+@pytest.mark.parametrize("option", ["merge_crossattn", "merge_mlp"])
+def test_merge_crossattn_and_mlp_change_output_and_are_removed_exactly(sd1, option):
+    reference = run(sd1)
+    processors = dict(sd1.unet.attn_processors)
+    with agentsd.patched(sd1, agent_fraction=1.0):
+        default = run(sd1)
+    with agentsd.patched(sd1, agent_fraction=1.0, **{option: True}):
+        assert getattr(agentsd.patch_config(sd1), option)
+        merged = run(sd1)
+    assert np.isfinite(merged).all() and not np.array_equal(merged, default)
+    assert all(sd1.unet.attn_processors[k] is v for k, v in processors.items())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in sd1.unet.modules())
+    assert np.array_equal(run(sd1), reference)
+
+
+def test_deepcopy_is_an_independent_patched_model():
+    import copy
+
+    pipe = tiny.sd_pipeline()
+    reference = run(pipe)
+    agentsd.apply_patch(pipe, ratio=0.5)
+    patched = run(pipe)
+    twin = copy.deepcopy(pipe)
+    state, twin_state = pipe.unet._agentsd_state, twin.unet._agentsd_state
+    assert twin_state is not state and twin_state.pipeline is twin
+    assert np.array_equal(run(twin), patched)
+    run(twin, height=48, width=80)  # the copy's hook updates the copy's state only
+    assert twin_state.latent_size == (12, 20) and state.latent_size == (16, 16)
+    agentsd.remove_patch(twin)
+    assert np.array_equal(run(twin), reference)
+    assert agentsd.is_patched(pipe) and np.array_equal(run(pipe), patched)
+    unet_copy = copy.deepcopy(pipe.unet)  # a UNet copied alone follows the timestep
+    assert unet_copy._agentsd_state.pipeline is None and agentsd.is_patched(unet_copy)
+    agentsd.remove_patch(pipe)
+    assert np.array_equal(run(pipe), reference)
+
+
+def test_compiled_wrappers_are_accepted():
+    pipe = tiny.sd_pipeline()
+    reference = run(pipe)
+    unet = pipe.unet
+    pipe.unet = torch.compile(unet, backend="eager")
+    agentsd.apply_patch(pipe, agent_fraction=1.0)
+    assert agentsd.is_patched(unet) and agentsd.is_patched(pipe.unet)
+    assert not np.array_equal(run(pipe), reference)
+    agentsd.remove_patch(pipe.unet)
+    assert not agentsd.is_patched(pipe) and np.array_equal(run(pipe), reference)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -240,18 +274,21 @@ def test_img2img_and_inpaint(cls):
     assert np.array_equal(run(pipe, **kwargs), reference)
 
 
-def test_sdxl_needs_max_downsample_2():
+def test_sdxl_with_defaults_patches_its_highest_attention_level():
     pipe = tiny.sdxl_pipeline()
     originals = dict(pipe.unet.attn_processors)
-    with pytest.raises(ValueError, match="max_downsample=2"):
-        agentsd.apply_patch(pipe)
+    with pytest.raises(ValueError, match=r"downsampling \[2, 4\] \(use max_downsample=2"):
+        agentsd.apply_patch(pipe, max_downsample=1)
     assert all(pipe.unet.attn_processors[k] is v for k, v in originals.items())
     reference = run(pipe, num_inference_steps=3)
-    with agentsd.patched(pipe, max_downsample=2, agent_fraction=1.0):
-        assert all(name.startswith(("down_blocks.1", "up_blocks.1")) for name in agentsd.self_attention_layers(pipe.unet, 2))
+    with agentsd.patched(pipe, agent_fraction=1.0):
+        assert agentsd.patch_config(pipe).max_downsample is None  # the default: highest level with attention
+        patched = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, AgentSDAttnProcessor)]
+        assert patched and all(name.startswith(("down_blocks.1", "up_blocks.1")) for name in patched)
         out = run(pipe, num_inference_steps=3)
     assert out.shape == reference.shape and not np.array_equal(out, reference)
     assert np.array_equal(run(pipe, num_inference_steps=3), reference)
+    assert agentsd.self_attention_layers(tiny.unet("sd1")).keys() == agentsd.self_attention_layers(tiny.unet("sd1"), 1).keys()
 
 
 def test_controlnet_pipeline():
