@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch._dynamo.utils import counters
 
 import agentsd
 
@@ -32,7 +33,18 @@ SD15_UNET_CONFIG: dict[str, Any] = dict(
     norm_num_groups=32,
 )
 
-METHODS = ("sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound")
+METHODS = (
+    "sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound",
+    "agentsd-agent-xattn", "bound-xattn", "agentsd-agent-mlp", "bound-mlp",
+)
+#: What each bound makes free in the patched blocks, and which AgentSD variant it bounds.
+BOUNDS = {"bound": ("attn1",), "bound-xattn": ("attn1", "attn2"), "bound-mlp": ("attn1", "ff")}
+AGENTSD_VARIANTS = {  # method: (agent_fraction, extra settings, its bound)
+    "agentsd-agent": (1.0, {}, "bound"),
+    "agentsd-tome": (0.0, {}, "bound"),
+    "agentsd-agent-xattn": (1.0, {"merge_crossattn": True}, "bound-xattn"),
+    "agentsd-agent-mlp": (1.0, {"merge_mlp": True}, "bound-mlp"),
+}
 
 
 class ZeroAttnProcessor:
@@ -42,18 +54,55 @@ class ZeroAttnProcessor:
         return torch.zeros_like(hidden_states)
 
 
+class ZeroFeedForward(torch.nn.Module):
+    """A feed-forward that costs nothing: returns zeros (input and output widths are equal)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.zeros_like(hidden_states)
+
+
 @dataclass
 class Method:
-    """One configuration to time: how to switch it on and off on a UNet."""
+    """One configuration to time: how to switch it on and off on a UNet, and the bound row its
+    share of the possible saving is measured against."""
 
     name: str
     ratio: float | None
     apply: Callable[[UNet2DConditionModel], None]
     remove: Callable[[UNet2DConditionModel], None]
+    bound: str = "bound"
 
     @property
     def key(self) -> str:
         return self.name if self.ratio is None else f"{self.name}@{self.ratio:g}"
+
+
+def _bound(name: str) -> Method:
+    """A bound: the given parts of the blocks AgentSD patches (by default) cost nothing."""
+    parts = BOUNDS[name]
+    saved: list[tuple[torch.nn.Module, str, Any]] = []
+
+    def apply(unet: UNet2DConditionModel) -> None:
+        for layer, (attn1, _) in agentsd.self_attention_layers(unet).items():
+            block = unet.get_submodule(layer.rpartition(".")[0])
+            for part in parts:
+                module = getattr(block, part, None)
+                if part == "ff" and module is not None:
+                    saved.append((block, part, module))
+                    block.ff = ZeroFeedForward()
+                elif module is not None:
+                    saved.append((module, "processor", module.processor))
+                    module.set_processor(ZeroAttnProcessor())
+
+    def remove(unet: UNet2DConditionModel) -> None:
+        while saved:
+            owner, attr, original = saved.pop()
+            if attr == "processor":
+                owner.set_processor(original)
+            else:
+                setattr(owner, attr, original)
+
+    return Method(name, None, apply, remove, bound=name)
 
 
 def build_methods(names: list[str], ratios: list[float]) -> list[Method]:
@@ -62,30 +111,19 @@ def build_methods(names: list[str], ratios: list[float]) -> list[Method]:
     for name in names:
         if name == "sdpa":
             methods.append(Method(name, None, lambda u: None, lambda u: None))
-        elif name == "bound":
-            saved: dict[str, Any] = {}
-
-            def apply_bound(unet: UNet2DConditionModel) -> None:
-                for layer, (module, _) in agentsd.self_attention_layers(unet, 1).items():
-                    saved[layer] = module.processor
-                    module.set_processor(ZeroAttnProcessor())
-
-            def remove_bound(unet: UNet2DConditionModel) -> None:
-                for layer, (module, _) in agentsd.self_attention_layers(unet, 1).items():
-                    module.set_processor(saved.pop(layer))
-
-            methods.append(Method(name, None, apply_bound, remove_bound))
+        elif name in BOUNDS:
+            methods.append(_bound(name))
         elif name == "tomesd":
             import tomesd
 
             for r in ratios:
                 methods.append(Method(name, r, lambda u, r=r: tomesd.apply_patch(u, ratio=r), tomesd.remove_patch))
-        elif name in ("agentsd-agent", "agentsd-tome"):
-            fraction = 1.0 if name == "agentsd-agent" else 0.0
+        elif name in AGENTSD_VARIANTS:
+            fraction, extra, bound = AGENTSD_VARIANTS[name]
             for r in ratios:
                 methods.append(Method(
-                    name, r, lambda u, r=r, f=fraction: agentsd.apply_patch(u, ratio=r, agent_fraction=f),
-                    agentsd.remove_patch,
+                    name, r, lambda u, r=r, f=fraction, e=extra: agentsd.apply_patch(u, ratio=r, agent_fraction=f, **e),
+                    agentsd.remove_patch, bound=bound,
                 ))
         else:
             raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
@@ -150,6 +188,21 @@ def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> fl
     return time.perf_counter() - start
 
 
+class SettingsMismatch(ValueError):
+    """The raw file holds samples taken with other settings."""
+
+
+def _compile_blocks(unet: UNet2DConditionModel, fullgraph: bool, backend: str) -> None:
+    """Regional compilation, as diffusers users do it; recompile limits raised so that every
+    method's graphs stay cached side by side (a hit limit would silently fall back to eager)."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 1024)
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 8192
+    unet.compile_repeated_blocks(fullgraph=fullgraph, backend=backend)
+
+
 def run_benchmark(
     unet: UNet2DConditionModel,
     sizes: list[int],
@@ -158,11 +211,30 @@ def run_benchmark(
     batch: int,
     raw_path: Path,
     progress: Callable[[str], None] = print,
+    compile: bool = False,
+    backend: str = "inductor",
 ) -> dict[str, Any]:
     """Time every method at every size, interleaved; finished samples are kept in ``raw_path``
-    (JSON) after each step, and a rerun continues from them."""
+    (JSON) after each step, and a rerun continues from them.
+
+    With ``compile``, the transformer blocks are compiled with ``compile_repeated_blocks``
+    (``fullgraph=True``; a method that cannot trace without graph breaks falls back to
+    ``fullgraph=False``, and its breaks are counted). The first call of every method, which
+    compiles, is untimed; its duration is kept as ``first_call_s``. ``backend`` is the
+    ``torch.compile`` backend (tests use ``aot_eager``, which traces alike but compiles nothing).
+    """
     raw: dict[str, Any] = json.loads(raw_path.read_text()) if raw_path.exists() else {}
     param = next(unet.parameters())
+    settings = dict(batch=batch, compile=compile, dtype=str(param.dtype), device=param.device.type)
+    if raw.setdefault("settings", settings) != settings:
+        raise SettingsMismatch(f"{raw_path} holds samples taken with {raw['settings']}, not {settings}; use another --out or --fresh")
+    fullgraph: dict[str, bool] = {}
+
+    def enter(method: Method) -> None:
+        if compile:
+            _compile_blocks(unet, fullgraph.get(method.key, True), backend)
+        method.apply(unet)
+
     for size in sizes:
         g = torch.Generator().manual_seed(0)
         latent = size // 8
@@ -171,26 +243,44 @@ def run_benchmark(
             timestep=torch.tensor(500, device=param.device),
             encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(param),
         )
-        for method in methods:  # warm-up, untimed: first-call allocations and kernel selection
-            if len(raw.get(str(size), {}).get(method.key, {}).get("seconds", [])) < repeats:
-                method.apply(unet)
-                time_step(unet, inputs)
+        results = raw.setdefault(str(size), {})
+        for method in methods:  # warm-up, untimed: compilation, first-call allocations, kernel selection
+            entry = results.setdefault(method.key, {"seconds": []})
+            if len(entry["seconds"]) >= repeats:
+                continue
+            breaks = sum(counters["graph_break"].values())
+            enter(method)
+            try:
+                entry["first_call_s"] = time_step(unet, inputs)
+            except Exception as err:  # noqa: BLE001 - whatever stops a full graph, retry with breaks
+                if not compile:
+                    raise
                 method.remove(unet)
+                fullgraph[method.key] = False
+                entry["fullgraph_error"] = str(err).strip().splitlines()[0][:200]
+                enter(method)
+                entry["first_call_s"] = time_step(unet, inputs)
+            if compile:  # a second untimed call: a compiled method settles its guards
+                time_step(unet, inputs)
+            method.remove(unet)
+            if compile:
+                entry["fullgraph"] = fullgraph.get(method.key, True)
+                entry["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
         for rep in range(repeats):
             for method in methods:
-                entry = raw.setdefault(str(size), {}).setdefault(method.key, {"seconds": []})
+                entry = results[method.key]
                 if len(entry["seconds"]) > rep:
                     continue
-                method.apply(unet)
+                enter(method)
                 seconds = time_step(unet, inputs)
                 method.remove(unet)
                 entry["seconds"].append(seconds)
                 raw_path.write_text(json.dumps(raw, indent=1))
-                progress(f"{size}px {method.key:>18} repeat {rep + 1}/{repeats}: {seconds:.3f} s")
+                progress(f"{size}px {method.key:>24} repeat {rep + 1}/{repeats}: {seconds:.3f} s")
         for method in methods:  # memory in a separate, untimed pass: its sampling costs time
-            entry = raw[str(size)][method.key]
+            entry = results[method.key]
             if "peak_mb" not in entry:
-                method.apply(unet)
+                enter(method)
                 with PeakMemory(param.device) as mem:
                     time_step(unet, inputs)
                 method.remove(unet)
@@ -209,39 +299,48 @@ def saving_share(t_base: float | None, t: float | None, t_bound: float | None, m
 
 
 def summarize(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> list[dict[str, Any]]:
-    """One row per (size, method): median seconds, speed-up, share of the possible saving."""
+    """One row per (size, method): median seconds, speed-up, share of the possible saving (against
+    the method's own bound), and with compilation the first call's seconds and graph breaks."""
     rows = []
     for size in sizes:
         results = raw[str(size)]
-        t_sdpa = statistics.median(results["sdpa"]["seconds"]) if "sdpa" in results else None
-        t_bound = statistics.median(results["bound"]["seconds"]) if "bound" in results else None
+        median = {key: statistics.median(entry["seconds"]) for key, entry in results.items()}
+        t_sdpa = median.get("sdpa")
         for method in methods:
             entry = results[method.key]
-            t = statistics.median(entry["seconds"])
-            row = dict(
+            t = median[method.key]
+            rows.append(dict(
                 size=size, method=method.name, ratio=method.ratio, median_s=t,
                 min_s=min(entry["seconds"]), repeats=len(entry["seconds"]),
                 peak_mb=entry["peak_mb"],
                 speedup=t_sdpa / t if t_sdpa else None,
-                saving_share=saving_share(t_sdpa, t, t_bound),
-            )
-            rows.append(row)
+                bound=method.bound,
+                saving_share=saving_share(t_sdpa, t, median.get(method.bound)),
+                first_call_s=entry.get("first_call_s"),
+                graph_breaks=entry.get("graph_breaks"),
+            ))
     return rows
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as a markdown table."""
-    lines = [
-        "| size | method | ratio | median s/step | speed-up vs SDPA | share of possible saving | peak memory MB |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    """The summary as a markdown table (with first-call time and graph breaks when compiled)."""
+    compiled = any(r["graph_breaks"] is not None for r in rows)
+    header = "| size | method | ratio | median s/step | speed-up vs SDPA | share of possible saving | peak memory MB |"
+    if compiled:
+        header += " first call s (compiles) | graph breaks |"
+    lines = [header, "|---" * header.count(" |") + "|"]
+
     def fmt(value: float | None, spec: str, unit: str = "") -> str:
         return "–" if value is None else format(value, spec) + unit
 
     for r in rows:
         share = None if r["saving_share"] is None else 100 * r["saving_share"]
-        lines.append(
+        bound = "" if r["bound"] == "bound" or r["saving_share"] is None else f" of {r['bound']}"
+        line = (
             f"| {r['size']} | {r['method']} | {fmt(r['ratio'], 'g')} | {r['median_s']:.3f} | "
-            f"{fmt(r['speedup'], '.2f', 'x')} | {fmt(share, '.0f', ' %')} | {r['peak_mb']:.0f} |"
+            f"{fmt(r['speedup'], '.2f', 'x')} | {fmt(share, '.0f', ' %')}{bound} | {r['peak_mb']:.0f} |"
         )
+        if compiled:
+            line += f" {fmt(r['first_call_s'], '.1f')} | {fmt(r['graph_breaks'], 'd')} |"
+        lines.append(line)
     return "\n".join(lines)

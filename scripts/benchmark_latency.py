@@ -1,6 +1,11 @@
 #!/usr/bin/env python
-"""Time UNet steps of the SD1.5 architecture: SDPA vs tomesd vs AgentSD (agent and ToMe phases)
-vs a bound (patched self-attention returning zeros), side by side in one run.
+"""Time UNet steps of the SD1.5 architecture: SDPA vs tomesd vs AgentSD (agent and ToMe phases,
+and the agent phase with merge_crossattn / merge_mlp) vs bounds (the parts of the patched blocks
+that each variant merges returning zeros), side by side in one run.
+
+With --compile every method, SDPA included, runs with its transformer blocks compiled by
+``unet.compile_repeated_blocks(fullgraph=True)``; the compiling first call is untimed and reported
+on its own, with the graph breaks of each method.
 
 Writes DIR/latency.md (markdown table), DIR/latency.json (summary rows and machine) and
 DIR/raw.json (every sample; a rerun resumes from it).
@@ -21,15 +26,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="image sizes in px (default: 512 768)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
     p.add_argument("--methods", nargs="+", default=None,
-                   help="methods to time: sdpa tomesd agentsd-agent agentsd-tome bound (default: all)")
+                   help="methods to time: sdpa tomesd agentsd-agent agentsd-tome bound agentsd-agent-xattn "
+                        "bound-xattn agentsd-agent-mlp bound-mlp (default: all)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method and size (default: 5)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance (default: 2)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
                    help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--out", type=Path, default=Path("runs/latency"), help="output folder (default: runs/latency)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the transformer blocks of every method (compile_repeated_blocks)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="output folder (default: runs/latency, or runs/latency-compiled with --compile)")
     p.add_argument("--fresh", action="store_true", help="discard samples of an earlier run in --out")
     args = p.parse_args(argv)
+    if args.out is None:
+        args.out = Path("runs/latency-compiled" if args.compile else "runs/latency")
     if any(s % 64 for s in args.sizes) or min(args.sizes) <= 0:
         p.error(f"--sizes must be positive multiples of 64, got {args.sizes}")
     if any(not 0 <= r < 1 for r in args.ratios):
@@ -44,7 +55,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from eval.latency import METHODS, SD15_UNET_CONFIG, build_methods, markdown_table, run_benchmark, summarize
+    from eval.latency import (
+        METHODS, SD15_UNET_CONFIG, SettingsMismatch, build_methods, markdown_table, run_benchmark, summarize,
+    )
 
     try:
         methods = build_methods(args.methods or list(METHODS), args.ratios)
@@ -66,14 +79,20 @@ def main(argv: list[str] | None = None) -> None:
                else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {machine}, "
           f"{str(dtype).removeprefix('torch.')}, batch {args.batch}")
-    raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path)
+    try:
+        raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path, compile=args.compile)
+    except SettingsMismatch as e:
+        sys.exit(f"error: {e}")
     rows = summarize(raw, methods, args.sizes)
     header = (f"SD1.5-architecture UNet, random weights, batch {args.batch}, "
+              f"{'transformer blocks compiled (compile_repeated_blocks), ' if args.compile else 'eager, '}"
               f"{str(dtype).removeprefix('torch.')}, {machine}; torch {torch.__version__}; "
               f"median of {args.repeats} interleaved steps.")
     table = header + "\n\n" + markdown_table(rows) + "\n"
     (args.out / "latency.md").write_text(table)
-    (args.out / "latency.json").write_text(json.dumps(dict(machine=machine, dtype=str(dtype), rows=rows), indent=1))
+    (args.out / "latency.json").write_text(
+        json.dumps(dict(machine=machine, dtype=str(dtype), compile=args.compile, rows=rows), indent=1)
+    )
     print(table)
 
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from eval.latency import build_methods, markdown_table, run_benchmark, summarize
+from eval.latency import SettingsMismatch, build_methods, markdown_table, run_benchmark, summarize
 
 import tiny
 
@@ -25,6 +25,26 @@ def test_benchmark_runs_every_method_and_resumes(tmp_path):
     run_benchmark(unet, [128], methods, repeats=2, batch=2, raw_path=raw_path, progress=calls.append)
     assert calls == [] and raw_path.read_text() == before
     assert len(json.loads(before)["128"]) == len(methods)
+    with pytest.raises(SettingsMismatch, match="batch"):
+        run_benchmark(unet, [128], methods, repeats=2, batch=4, raw_path=raw_path, progress=calls.append)
+
+
+def test_merge_variants_have_their_own_bounds_and_compiled_runs_count_breaks(tmp_path):
+    unet = tiny.unet("sd1")
+    names = ["sdpa", "tomesd", "agentsd-agent", "agentsd-agent-xattn", "bound-xattn", "agentsd-agent-mlp", "bound-mlp"]
+    methods = build_methods(names, [0.4])
+    processors = dict(unet.attn_processors)
+    ff = [m.ff for m in unet.modules() if hasattr(m, "ff")]
+    raw = run_benchmark(unet, [128], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json",
+                        progress=lambda s: None, compile=True, backend="aot_eager")
+    rows = {r["method"]: r for r in summarize(raw, methods, [128])}
+    assert rows["agentsd-agent-xattn"]["bound"] == "bound-xattn" and rows["agentsd-agent-mlp"]["bound"] == "bound-mlp"
+    assert rows["agentsd-agent"]["graph_breaks"] == 0 and raw["128"]["agentsd-agent@0.4"]["fullgraph"]
+    assert rows["tomesd"]["graph_breaks"] > 0 and not raw["128"]["tomesd@0.4"]["fullgraph"]  # its torch.Generator
+    assert "graph breaks" in markdown_table(list(rows.values()))
+    # every method was switched off again
+    assert all(unet.attn_processors[k] is v for k, v in processors.items())
+    assert [m.ff for m in unet.modules() if hasattr(m, "ff")] == ff
 
 
 def test_unknown_method():
