@@ -14,17 +14,35 @@ work with agent attention on every denoising step. The settings are stored with 
   ``agentsd.apply_patch(pipe, config=agentsd.load_config(output_dir))``.
 
 :func:`train_dreambooth` runs the whole job with accelerate (device placement, mixed precision,
-gradient accumulation; one process, one device): checkpoints every ``checkpointing_steps`` and
-resumption at the same step with the same result, validation images on disk every
-``validation_steps``, a tqdm bar. All
-randomness of optimisation step ``k`` comes from ``(seed, k)``, so a resumed run repeats the
-uninterrupted one. ``scripts/train_dreambooth.py`` is its command line.
+gradient accumulation, data-parallel processes under ``accelerate launch``): checkpoints every
+``checkpointing_steps`` and resumption at the same step with the same result, validation images on
+disk every ``validation_steps``, a tqdm bar. All randomness of optimisation step ``k`` in process
+``p`` comes from ``(seed, k, p)``, so a resumed run repeats the uninterrupted one.
+``scripts/train_dreambooth.py`` is its command line.
+
+Data-parallel training (``accelerate launch --num_processes N``): every process draws its own
+``batch_size`` instance (and class) samples per micro-step, so a step sees ``N * batch_size``
+instance samples (times ``gradient_accumulation_steps``); the gradients are averaged, so every process
+holds the same weights. Process 0 draws what a one-process run draws. Missing class images are
+split between the processes; checkpoints, validation images and the result are written once, by the
+main process.
+
+A checkpoint is what ``accelerator.save_state`` writes (the trainable UNet parameters as
+safetensors, the optimizer, the LR schedule and the random states, all loaded with
+``weights_only=True``), plus :data:`CHECKPOINT_FILE`: the step, the run settings and the size and
+sha256 of every file. A checkpoint that was changed or damaged, or made with other settings or
+another number of processes, raises ValueError naming the file before anything is loaded.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
+import pickle
+import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -39,7 +57,8 @@ from .patch import apply_patch, store_config
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 CLASS_MANIFEST = ".agentsd_class_images.json"  # hidden: not taken for an image
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "state.pt"
+#: in every checkpoint folder: step, run settings, number of processes, size and sha256 of each file
+CHECKPOINT_FILE = "dreambooth_checkpoint.json"
 SETTINGS_FILE = "dreambooth.json"
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 #: settings that define a run: a resumed run must have the same ones
@@ -111,6 +130,32 @@ def load_images(folder: str | Path, resolution: int, what: str = "instance folde
     return torch.stack(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
+def _class_manifest(prompt: str, resolution: int) -> dict[str, Any]:
+    return {"prompt": prompt, "resolution": resolution}
+
+
+def missing_class_images(folder: str | Path, prompt: str, num_images: int, resolution: int) -> list[int]:
+    """The indices ``i`` of the images ``class_{i}.png`` that the class image cache ``folder`` lacks.
+
+    Images already there are counted (diffusers does the same, so a folder of your own class
+    images works too): only as many indices as are needed to reach ``num_images`` are returned.
+    The folder is only read.
+
+    Raises:
+        ValueError: if the cache was made for another prompt or resolution (hidden manifest).
+    """
+    folder = Path(folder)
+    manifest = _class_manifest(prompt, resolution)
+    manifest_path = folder / CLASS_MANIFEST
+    if manifest_path.exists() and (old := json.loads(manifest_path.read_text())) != manifest:
+        raise ValueError(f"class image folder {folder} was made for {old}, not {manifest}; use another folder")
+    if not folder.is_dir():
+        return list(range(num_images))
+    have = sum(p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") for p in folder.iterdir())
+    missing = [i for i in range(num_images) if not (folder / f"class_{i:05d}.png").exists()]
+    return missing[: max(0, num_images - have)]
+
+
 @torch.no_grad()
 def generate_class_images(
     pipe: Any,
@@ -122,27 +167,32 @@ def generate_class_images(
     guidance_scale: float = 7.5,
     seed: int = 0,
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> None:
     """Fill the prior-preservation cache ``folder`` up to ``num_images`` images of ``prompt``.
 
-    Images already there are kept and counted (diffusers does the same, so a folder of your own
-    class images works too); image ``class_{i}.png`` uses seed ``seed + i``, so the cache does not
-    depend on interruptions. A hidden manifest records the prompt and resolution of generated
-    images; a cache made for another prompt or resolution raises ValueError instead of being mixed.
+    Image ``class_{i}.png`` uses seed ``seed + i``, so the cache depends neither on interruptions
+    nor on the number of processes that fill it. A hidden manifest records the prompt and
+    resolution of generated images; a cache made for another prompt or resolution raises
+    ValueError instead of being mixed (see :func:`missing_class_images`).
+
+    Args:
+        indices: the images to make; default: all of :func:`missing_class_images`. Data-parallel
+            processes each pass their share of one listing made by all of them before any of them
+            writes.
     """
     from tqdm.auto import tqdm
 
     folder = Path(folder)
+    if indices is None:
+        indices = missing_class_images(folder, prompt, num_images, resolution)
+    if not indices:
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"prompt": prompt, "resolution": resolution}
-    manifest_path = folder / CLASS_MANIFEST
-    if manifest_path.exists() and (old := json.loads(manifest_path.read_text())) != manifest:
-        raise ValueError(f"class image folder {folder} was made for {old}, not {manifest}; use another folder")
-    have = sum(p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") for p in folder.iterdir())
-    missing = [i for i in range(num_images) if not (folder / f"class_{i:05d}.png").exists()][: num_images - have]
-    if missing:
-        manifest_path.write_text(json.dumps(manifest) + "\n")
-    for i in tqdm(missing, desc="class images", disable=not progress):
+    tmp = folder / f"{CLASS_MANIFEST}.{os.getpid()}.tmp"  # processes that share the folder each replace it whole
+    tmp.write_text(json.dumps(_class_manifest(prompt, resolution)) + "\n")
+    os.replace(tmp, folder / CLASS_MANIFEST)
+    for i in tqdm(indices, desc="class images", disable=not progress):
         image = pipe(
             prompt, height=resolution, width=resolution, num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + i),
@@ -291,46 +341,143 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     """The checkpoints in ``output_dir``, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     found = root.glob("step-*") if root.exists() else []
-    return sorted(p for p in found if p.name[5:].isdigit() and (p / STATE_FILE).exists())
+    return sorted(p for p in found if p.name[5:].isdigit() and (p / CHECKPOINT_FILE).exists())
 
 
 def _trainable(unet: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in unet.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(folder: Path, unet: Any, optimizer: Any, lr_scheduler: Any, step: int, run: dict) -> None:
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def unsafe_file_error(path: str | Path, err: BaseException) -> ValueError:
+    """The one-line error for a file that ``torch.load(path, weights_only=True)`` refused with ``err``.
+
+    It names the file and the reason, and leaves out torch's advice to load it with pickle anyway:
+    the one thing not to do with a checkpoint of unknown origin.
+    """
+    if isinstance(err, pickle.UnpicklingError):
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        what = f"the Python object {found[1]}" if found else "more than tensors and plain values"
+        reason = f"it holds {what}, which weights_only=True refuses"
+    else:
+        reason = _first_line(err)
+    return ValueError(f"checkpoint file {path} cannot be loaded safely: {reason}")
+
+
+def _checkpoint_hooks(accelerator: Any) -> None:
+    """Make ``accelerator.save_state`` / ``load_state`` keep only the trainable UNet parameters,
+    under their names in the unwrapped UNet (LoRA checkpoints stay small; names do not depend on
+    the data-parallel wrapper)."""
+    from accelerate.utils import SAFE_WEIGHTS_NAME
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    def save(models: list, weights: list, output_dir: str) -> None:
+        (model,) = models
+        weights.clear()
+        if accelerator.is_main_process:  # the only one that writes them
+            weights.append({k: v.detach().cpu() for k, v in _trainable(accelerator.unwrap_model(model)).items()})
+
+    def load(models: list, input_dir: str) -> None:
+        (model,) = models
+        path = Path(input_dir) / SAFE_WEIGHTS_NAME
+        params = _trainable(accelerator.unwrap_model(model))
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+        wanted = {k: list(p.shape) for k, p in params.items()}
+        if shapes != wanted:
+            other = sorted(k for k in shapes.keys() | wanted.keys() if shapes.get(k) != wanted.get(k))
+            raise ValueError(
+                f"checkpoint file {path} does not hold the trainable weights of this UNet "
+                f"({len(other)} names or shapes differ, e.g. {other[0]})"
+            )
+        state = load_file(str(path))
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(state[name])
+        models.clear()  # loaded: accelerate loads the rest (optimizer, LR schedule, random states)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def _save_checkpoint(accelerator: Any, folder: Path, step: int, run: dict[str, Any]) -> None:
+    """``accelerator.save_state`` into a temporary folder, :data:`CHECKPOINT_FILE`, then a rename
+    to ``folder``; called by every process (each writes its random states, the main one the rest)."""
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {
-        "step": step,
-        "run": run,
-        "trainable": {k: v.detach().cpu() for k, v in _trainable(unet).items()},
-        "optimizer": optimizer.state_dict(),
-        "lr_scheduler": lr_scheduler.state_dict(),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+        meta = {"step": step, "run": run, "files": files}
+        (tmp / CHECKPOINT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+    accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(folder: Path, unet: Any, optimizer: Any, lr_scheduler: Any, run: dict) -> int:
-    if not (folder / STATE_FILE).exists():
-        raise FileNotFoundError(f"no checkpoint {STATE_FILE} in {folder}")
-    state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
-    changed = sorted(k for k in run if state["run"].get(k) != run[k])
+def _verify_checkpoint(folder: Path, accelerator: Any, run: dict[str, Any]) -> int:
+    """Check checkpoint ``folder`` before anything is loaded from it and return its step.
+
+    Its :data:`CHECKPOINT_FILE` must be readable and made with the settings ``run``; every file it
+    lists must have the recorded size and sha256, the files that ``accelerator.load_state`` reads
+    must be among them, and each of them but the safetensors weights must load with
+    ``weights_only=True``. Every process checks every file, so all of them fail alike.
+
+    Raises:
+        FileNotFoundError: if ``folder`` has no :data:`CHECKPOINT_FILE`.
+        ValueError: naming the file, for anything else.
+    """
+    from accelerate.utils import OPTIMIZER_NAME, SAFE_WEIGHTS_NAME, SCALER_NAME, SCHEDULER_NAME, load
+
+    meta_path = folder / CHECKPOINT_FILE
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"no checkpoint {CHECKPOINT_FILE} in {folder}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        step, saved = int(meta["step"]), dict(meta["run"])
+        files = {str(name): (int(v["bytes"]), str(v["sha256"])) for name, v in meta["files"].items()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"checkpoint file {meta_path} cannot be read: {_first_line(err)}") from None
+    changed = sorted(k for k in run if saved.get(k) != run[k])
     if changed:
         raise ValueError(
             f"checkpoint {folder} was made with other settings: "
-            + ", ".join(f"{k}={state['run'].get(k)!r} (now {run[k]!r})" for k in changed)
+            + ", ".join(f"{k}={saved.get(k)!r} (now {run[k]!r})" for k in changed)
         )
-    params = _trainable(unet)
-    with torch.no_grad():
-        for name, value in state["trainable"].items():
-            params[name].copy_(value)
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    return int(state["step"])
+    needed = [SAFE_WEIGHTS_NAME, f"{OPTIMIZER_NAME}.bin", f"{SCHEDULER_NAME}.bin"]
+    needed += [SCALER_NAME] if accelerator.scaler is not None else []
+    if missing := [name for name in needed if name not in files]:
+        raise ValueError(f"checkpoint file {meta_path} lists no {', '.join(missing)}")
+    for name, (size, sha256) in sorted(files.items()):
+        path = folder / name
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"checkpoint file {meta_path} lists a file outside its folder: {name!r}")
+        if not path.is_file():
+            raise ValueError(f"checkpoint file {path} is missing")
+        if path.stat().st_size != size or _sha256(path) != sha256:
+            raise ValueError(f"checkpoint file {path} is damaged or was changed (its size or sha256 differs)")
+        if name != SAFE_WEIGHTS_NAME:
+            try:
+                load(path, map_location="cpu", mmap=True)  # weights_only=True
+            except Exception as err:  # noqa: BLE001 - any failure: the file is not what save_state writes
+                raise unsafe_file_error(path, err) from None
+    return step
 
 
 # ----------------------------------------------------------------------------- training
@@ -353,9 +500,12 @@ def load_pipeline(pretrained: str) -> Any:
     return pipe
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of all randomness of micro-step ``step`` (depends only on seed and step)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) & 0x7FFF_FFFF_FFFF)
+def step_generator(seed: int, step: int, process: int = 0) -> torch.Generator:
+    """The generator of all randomness of micro-step ``step`` in data-parallel process ``process``.
+
+    It depends only on these three; process 0 draws what a one-process run draws.
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + step + process * 0x9E37_79B9_7F4B) & 0x7FFF_FFFF_FFFF)
 
 
 def sample_batch(
@@ -388,7 +538,9 @@ def _add_lora(unet: Any, settings: DreamBoothSettings) -> None:
     config = LoraConfig(
         r=settings.lora_rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)
     )
-    unet.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):  # the same initial adapters in every run and process
+        torch.manual_seed(settings.seed)
+        unet.add_adapter(config)
 
 
 @torch.no_grad()
@@ -424,10 +576,15 @@ def _save_result(pipe: Any, unet: Any, settings: DreamBoothSettings) -> None:
 def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -> Path:
     """Finetune ``settings.pretrained`` and save the result into ``settings.output_dir``.
 
+    Under ``accelerate launch --num_processes N`` every process calls it with the same arguments
+    and they train data-parallel (see the module docstring); it returns in every process once the
+    result is written.
+
     Args:
         settings: what to train and how.
         resume: ``True`` continues from the latest checkpoint in ``output_dir`` (from scratch if
-            there is none), a path continues from that checkpoint folder.
+            there is none), a path continues from that checkpoint folder. Either must have been
+            made with the same run settings and number of processes.
 
     Returns:
         ``output_dir``: a full pipeline (``save_pretrained``) or, with LoRA, the LoRA weights
@@ -436,7 +593,8 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
 
     Raises:
         FileNotFoundError, ValueError: for bad input (folders, images, resolution, a checkpoint
-        made with other settings), before any training.
+        that is missing, damaged, changed or made with other settings), before any training and
+        before anything is loaded from the checkpoint.
     """
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
@@ -445,20 +603,19 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
 
     s = settings
     instance = load_images(s.instance_dir, s.resolution, "instance folder")
-    resume_from: Path | None = None
-    if isinstance(resume, (str, Path)):
-        resume_from = Path(resume)
-        if not (resume_from / STATE_FILE).exists():
-            raise FileNotFoundError(f"no checkpoint {STATE_FILE} in {resume_from}")
-    elif resume:
-        found = checkpoint_dirs(s.output_dir)
-        resume_from = found[-1] if found else None
-
     accelerator = Accelerator(
         mixed_precision=s.mixed_precision, gradient_accumulation_steps=s.gradient_accumulation_steps
     )
-    if accelerator.num_processes > 1:
-        raise ValueError("train_dreambooth runs in one process (one device); launch it without multi-process")
+    main, rank, processes = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    run = {**s.run_dict(), "num_processes": processes}
+    resume_from: Path | None = None
+    if isinstance(resume, (str, Path)):
+        resume_from = Path(resume)
+    elif resume:
+        found = checkpoint_dirs(s.output_dir)
+        resume_from = found[-1] if found else None
+    step = _verify_checkpoint(resume_from, accelerator, run) if resume_from is not None else 0
+
     pipe = load_pipeline(s.pretrained)
     pipe.to(accelerator.device)
     for module in (pipe.vae, pipe.text_encoder):
@@ -467,10 +624,13 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
     data["instance_mean"], data["instance_std"] = encode_images(pipe.vae, instance)
     if s.class_prompt:
         class_dir = Path(s.class_dir) if s.class_dir else Path(s.output_dir) / "class_images"
+        missing = missing_class_images(class_dir, s.class_prompt, s.num_class_images, s.resolution)
+        accelerator.wait_for_everyone()  # every process listed the folder before any writes to it
         generate_class_images(
             pipe, class_dir, s.class_prompt, s.num_class_images, s.resolution, s.inference_steps, s.guidance_scale,
-            s.seed, s.progress,
+            s.seed, s.progress and main, indices=missing[rank::processes],
         )
+        accelerator.wait_for_everyone()
         data["class_embedding"] = encode_prompt(pipe, s.class_prompt)
         class_images = load_images(class_dir, s.resolution, "class folder")
         data["class_mean"], data["class_std"] = encode_images(pipe.vae, class_images)
@@ -483,19 +643,21 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
     unet.train()
     params = list(_trainable(unet).values())
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate)
+    # the prepared schedule steps once per process at every optimisation step
     lr_scheduler = get_scheduler(
-        s.lr_scheduler, optimizer, num_warmup_steps=s.lr_warmup_steps, num_training_steps=s.max_train_steps
+        s.lr_scheduler, optimizer, num_warmup_steps=s.lr_warmup_steps * processes,
+        num_training_steps=s.max_train_steps * processes,
     )
     unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    _checkpoint_hooks(accelerator)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    step = 0
     if resume_from is not None:
-        step = _load_checkpoint(resume_from, accelerator.unwrap_model(unet), optimizer, lr_scheduler, s.run_dict())
+        accelerator.load_state(str(resume_from))
 
-    bar = tqdm(total=s.max_train_steps, initial=step, desc="dreambooth", disable=not s.progress)
+    bar = tqdm(total=s.max_train_steps, initial=step, desc="dreambooth", disable=not (s.progress and main))
     while step < s.max_train_steps:
         for micro in range(s.gradient_accumulation_steps):
-            gen = step_generator(s.seed, step * s.gradient_accumulation_steps + micro)
+            gen = step_generator(s.seed, step * s.gradient_accumulation_steps + micro, rank)
             batch = sample_batch(data, s.batch_size, noise_scheduler.config.num_train_timesteps, gen)
             with accelerator.accumulate(unet), accelerator.autocast():
                 loss, _, _ = dreambooth_loss(unet, noise_scheduler, batch, s.prior_loss_weight)
@@ -507,16 +669,16 @@ def train_dreambooth(settings: DreamBoothSettings, resume: str | bool = False) -
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % s.checkpointing_steps == 0 or step == s.max_train_steps:
-            _save_checkpoint(
-                Path(s.output_dir) / CHECKPOINTS / f"step-{step:06d}", accelerator.unwrap_model(unet), optimizer,
-                lr_scheduler, step, s.run_dict(),
-            )
-            for old in checkpoint_dirs(s.output_dir)[: -s.keep_checkpoints]:
-                shutil.rmtree(old)
-        if s.validation_prompt and (step % s.validation_steps == 0 or step == s.max_train_steps):
+            _save_checkpoint(accelerator, Path(s.output_dir) / CHECKPOINTS / f"step-{step:06d}", step, run)
+            if main:
+                for old in checkpoint_dirs(s.output_dir)[: -s.keep_checkpoints]:
+                    shutil.rmtree(old)
+        if main and s.validation_prompt and (step % s.validation_steps == 0 or step == s.max_train_steps):
             unet.eval()
             _validate(pipe, s, step)
             unet.train()
     bar.close()
-    _save_result(pipe, accelerator.unwrap_model(unet), s)
+    if main:
+        _save_result(pipe, accelerator.unwrap_model(unet), s)
+    accelerator.wait_for_everyone()
     return Path(s.output_dir)

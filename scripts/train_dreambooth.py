@@ -12,9 +12,13 @@ training step unless --no-agentsd, and its settings are stored with the result:
          agentsd.apply_patch(pipe, config=agentsd.load_config(OUT))
 
 accelerate handles the device, --mixed-precision and --gradient-accumulation-steps (run it with
-`accelerate launch` or plain python). Checkpoints go to OUT/checkpoints every
---checkpointing-steps; --resume continues from the latest one (or a given one) at the same step,
-with the same result as an uninterrupted run. Validation images go to OUT/validation.
+plain python, or with `accelerate launch` for data-parallel training on several devices: each
+process draws its own --batch-size samples per step and all end with the same weights, e.g.
+`accelerate launch --num_processes 8 scripts/train_dreambooth.py ...`). Checkpoints go to
+OUT/checkpoints every --checkpointing-steps (accelerate's save_state, weights as safetensors,
+nothing loaded with pickle); --resume continues from the latest one (or a given one) at the same
+step, with the same result as an uninterrupted run, in as many processes as made it. Validation
+images go to OUT/validation; the main process writes them, the checkpoints and the result.
 
 Example (the embedded reference model, a star under the rare token "sks"):
 

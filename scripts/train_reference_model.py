@@ -17,7 +17,10 @@ Phases:
 
 Training is reproducible from ``--seed`` (for a given thread count) and resumable: a checkpoint
 (weights, EMA, optimisers, LR schedulers, step, RNG states) is written to ``--ckpt-dir`` every
-``--ckpt-minutes`` and when a phase ends or time runs out; ``--resume`` continues from it.
+``--ckpt-minutes`` and when a phase ends or time runs out (a temporary file, then a rename);
+``--resume`` continues from it. Checkpoints and the latent cache hold only tensors, numbers, strings,
+lists and dicts, and are loaded with ``torch.load(..., weights_only=True)``: no pickled code runs,
+and a damaged or changed checkpoint ends the run with a one-line error naming the file.
 
 Example (full run, 2 threads)::
 
@@ -42,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import agentsd  # noqa: E402
+from agentsd.dreambooth import unsafe_file_error  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -63,7 +67,7 @@ from eval.reference_components import (  # noqa: E402
 
 CHECKPOINT = "checkpoint.pt"
 LATENT_CACHE = "latents.pt"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 1: pickled, no longer loaded
 #: options that must not change when resuming (they define the training run); --steps may grow
 RUN_KEYS = (
     "seed", "steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "ema_decay",
@@ -185,19 +189,41 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 def rng_state() -> dict[str, Any]:
-    """Global RNG states (torch, numpy, python)."""
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Global RNG states (torch, numpy, python) as tensors and numbers (loadable with ``weights_only``)."""
+    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state`."""
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    n = state["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+
+
+def safe_load(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only.
+
+    Raises:
+        ValueError: one line naming ``path``, for a file that is damaged or holds anything else.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is not what this script writes
+        raise unsafe_file_error(path, err) from None
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename."""
+    """``torch.save`` to a temporary file, then rename (``obj``: what :func:`safe_load` reads back)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -316,42 +342,52 @@ class Trainer:
         path = self.ckpt_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state.get("version") != CHECKPOINT_VERSION:
-            raise SystemExit(f"{path}: unsupported checkpoint version {state.get('version')}")
-        mine = run_config(self.args)
-        diff = {k: (state["run_config"].get(k), v) for k, v in mine.items()
-                if state["run_config"].get(k) != v and k != "steps"}
-        if diff:
-            lines = "\n".join(f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items())
-            raise SystemExit(f"{path} was made with other options; pass the same ones to resume:\n{lines}")
-        self.phase = state["phase"]
-        self.vae_step = state["vae_step"]
-        self.unet_step = state["unet_step"]
-        old_steps = state["run_config"]["steps"]
-        if old_steps != self.args.steps:
-            if self.args.steps < self.unet_step:
-                raise SystemExit(f"--steps {self.args.steps} is below the checkpoint's step {self.unet_step}")
-            print(f"--steps changed from {old_steps} to {self.args.steps}: the cosine LR schedule is "
-                  "stretched to the new total (the run is then no longer reproducible in one go)")
-            if self.phase == "done" and self.unet_step < self.args.steps:
-                self.phase = "unet"
-        self.vae.load_state_dict(state["vae"])
-        self.vae_opt.load_state_dict(state["vae_opt"])
-        self.vae_sched.load_state_dict(state["vae_sched"])
-        self.unet.load_state_dict(state["unet"])
-        self.text_encoder.load_state_dict(state["text_encoder"])
-        with torch.no_grad():
-            for s, v in zip(self.ema.shadow, state["ema"]):
-                s.copy_(v)
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-        self.gen.set_state(state["gen"])
-        set_rng_state(state["rng"])
-        self.scaling_factor = state["scaling_factor"]
-        self.elapsed = state["elapsed"]
-        self.loss_log = [tuple(x) for x in state["loss_log"]]
-        self.commands = list(state["commands"])
+        try:
+            state = safe_load(path)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
+            found = state.get("version") if isinstance(state, dict) else None
+            raise SystemExit(f"{path}: unsupported checkpoint version {found} (expected {CHECKPOINT_VERSION})")
+        try:  # a checkpoint of another model or run ends the run (it has written nothing yet)
+            mine = run_config(self.args)
+            diff = {k: (state["run_config"].get(k), v) for k, v in mine.items()
+                    if state["run_config"].get(k) != v and k != "steps"}
+            if diff:
+                lines = "\n".join(
+                    f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()
+                )
+                raise SystemExit(f"{path} was made with other options; pass the same ones to resume:\n{lines}")
+            self.phase = state["phase"]
+            self.vae_step = state["vae_step"]
+            self.unet_step = state["unet_step"]
+            old_steps = state["run_config"]["steps"]
+            if old_steps != self.args.steps:
+                if self.args.steps < self.unet_step:
+                    raise SystemExit(f"--steps {self.args.steps} is below the checkpoint's step {self.unet_step}")
+                print(f"--steps changed from {old_steps} to {self.args.steps}: the cosine LR schedule is "
+                      "stretched to the new total (the run is then no longer reproducible in one go)")
+                if self.phase == "done" and self.unet_step < self.args.steps:
+                    self.phase = "unet"
+            self.vae.load_state_dict(state["vae"])
+            self.vae_opt.load_state_dict(state["vae_opt"])
+            self.vae_sched.load_state_dict(state["vae_sched"])
+            self.unet.load_state_dict(state["unet"])
+            self.text_encoder.load_state_dict(state["text_encoder"])
+            with torch.no_grad():
+                for s, v in zip(self.ema.shadow, state["ema"]):
+                    s.copy_(v)
+            self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"])
+            self.gen.set_state(state["gen"])
+            set_rng_state(state["rng"])
+            self.scaling_factor = state["scaling_factor"]
+            self.elapsed = state["elapsed"]
+            self.loss_log = [tuple(x) for x in state["loss_log"]]
+            self.commands = list(state["commands"])
+        except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise SystemExit(f"{path} does not fit this model and run: {reason}") from None
         return True
 
     def time_is_up(self) -> bool:
@@ -405,8 +441,12 @@ class Trainer:
         fingerprint = float(sum(p.double().sum() for p in self.vae.parameters()))
         key = {"seed": args.seed, "n": args.n_train_images, "vae": fingerprint}
         if path.exists():
-            cache = torch.load(path, map_location="cpu", weights_only=False)
-            if cache.get("key") == key:
+            try:
+                cache = safe_load(path)
+            except ValueError as err:
+                print(f"{err}; encoding the training set again")
+                cache = None
+            if isinstance(cache, dict) and cache.get("key") == key:
                 return cache
         t0 = time.time()
         data = shapes.make_dataset(args.n_train_images, seed=args.seed + 7919)

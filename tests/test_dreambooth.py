@@ -22,6 +22,7 @@ from agentsd.dreambooth import (
     generate_class_images,
     load_images,
     load_pipeline,
+    missing_class_images,
     train_dreambooth,
 )
 from eval import shapes
@@ -116,6 +117,7 @@ def test_class_image_cache_is_reused_and_checked(full_run: DreamBoothSettings) -
     before = {p: p.stat().st_mtime_ns for p in folder.iterdir()}
     generate_class_images(None, folder, full_run.class_prompt, 2, 64)  # complete: no pipeline needed
     assert {p: p.stat().st_mtime_ns for p in folder.iterdir()} == before
+    assert missing_class_images(folder, full_run.class_prompt, 4, 64) == [2, 3]  # what processes share out
     with pytest.raises(ValueError, match="was made for .*white triangle"):
         generate_class_images(None, folder, "a red circle on a blue background", 2, 64)
 
