@@ -53,11 +53,13 @@ class InceptionFeatures(nn.Module):
 
 def fid_metric(device: str | torch.device = "cpu"):
     """A torchmetrics ``FrechetInceptionDistance`` on the standard features; feed it float images
-    in [0, 1] (``update(images, real=...)``)."""
+    in [0, 1] (``update(images, real=...)``). It computes from what this process fed it, also in
+    a multi-process run (no gathering from other processes, which may have exited)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
+    options = dict(reset_real_features=False, sync_on_compute=False)
     if fid_helper_network_path() is not None:
-        metric = FrechetInceptionDistance(feature=InceptionFeatures(), reset_real_features=False)
+        metric = FrechetInceptionDistance(feature=InceptionFeatures(), **options)
     else:  # online: torch-fidelity's copy of the same network
-        metric = FrechetInceptionDistance(feature=2048, normalize=True, reset_real_features=False)
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, **options)
     return metric.to(device)

@@ -3,21 +3,32 @@
 Every variant (a method at a merge ratio) draws the same prompts with the same per-image seeds.
 Generation runs batch by batch, interleaved across the variants, so that drifts of a noisy
 machine hit all of them alike. Every image is written to ``OUT/images/<variant>/<index>.png`` as
-soon as its batch is done, and the wall time of each batch to ``OUT/state.json``; a rerun skips
-what is on disk and loses nothing. Seconds per image are the summed batch times divided by the
-number of images. Peak memory comes from a separate, untimed warm-up batch (short schedule), so
-that its sampling does not slow the timed batches.
+soon as its batch is done, and the wall time of each batch to the timings file of its process,
+``OUT/timings/process-<rank>.json``; a rerun skips what is on disk and loses nothing. Seconds per
+image are the summed batch times of all processes divided by the number of images. Peak memory
+comes from a separate, untimed warm-up batch (short schedule), so that its sampling does not slow
+the timed batches.
+
+Several processes (``accelerate launch``) share the work by whole batches: batch ``i`` goes to
+process ``i % N``, so every batch holds the same images as in a one-process run, and each process
+interleaves its batches across the variants. Setup and metrics live in ``OUT/state.json``, which
+only the main process writes; the metrics are computed once every shard is done.
 
 A ``bound`` variant times the pipeline whose patched self-attention layers return zeros: the time
 left if the patched attention cost nothing. It keeps no images and has no FID, and may be timed
 on the first batches only.
+
+With a compile backend, every variant runs with the UNet's transformer blocks compiled
+(``compile_repeated_blocks``, ``fullgraph=True``, else with graph breaks, else eager, each
+reported); compilation happens in untimed warm-up calls at every batch size, reported apart.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +36,10 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch._dynamo.utils import counters
 
 import agentsd
-from eval.latency import PeakMemory, build_methods, saving_share
+from eval.latency import PeakMemory, _compile_blocks, build_methods, saving_share
 
 METHODS = ("sd", "tomesd", "agentsd")
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -211,15 +223,26 @@ class ImageStore:
         return np.stack([np.asarray(Image.open(self.path(key, i)).convert("RGB")) for i in range(n)])
 
 
-class State:
-    """``state.json``: batch wall times, peak memory and computed metrics of every variant."""
+class JsonRecord:
+    """A JSON file held in memory; ``save`` replaces it atomically (never half-written)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
 
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        tmp.replace(self.path)
+
+
+class State(JsonRecord):
+    """``state.json``, written by the main process only: the run's setup, the machine it was
+    generated on (``generated_with``) and the computed metrics of every variant."""
+
     def variant(self, key: str) -> dict[str, Any]:
-        return self.data.setdefault("variants", {}).setdefault(key, {"batch_seconds": {}})
+        return self.data.setdefault("variants", {}).setdefault(key, {})
 
     def check_setup(self, setup: dict[str, Any]) -> None:
         """Record the run's settings, or refuse to mix with a run made with other settings.
@@ -234,15 +257,33 @@ class State:
             raise ValueError(f"{self.path.parent} holds a run with other settings ({diff}); "
                              "use another --out or --fresh")
 
-    def save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        tmp.replace(self.path)
+
+class Timings(JsonRecord):
+    """The timings of one process, ``OUT/timings/process-<rank>.json`` (no other process writes
+    it): per variant the wall time of each of its batches (``"start:stop"``), the peak memory of
+    its warm-up batch and, when compiled, its compile report."""
+
+    def variant(self, key: str) -> dict[str, Any]:
+        return self.data.setdefault(key, {"batch_seconds": {}})
+
+
+def timings_path(out: Path, rank: int) -> Path:
+    """The timings file of process ``rank`` of the run in ``out``."""
+    return out / "timings" / f"process-{rank}.json"
+
+
+def process_timings(out: Path) -> list[Timings]:
+    """The timings of every process of the run in ``out``, in process order."""
+    paths = sorted((out / "timings").glob("process-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    return [Timings(p) for p in paths]
 
 
 def _generate(pipe: Any, protocol: Protocol, start: int, stop: int, steps: int | None = None) -> np.ndarray:
     device = pipe.unet.device
     generators = [torch.Generator(device).manual_seed(s) for s in protocol.seeds[start:stop]]
+    # tomesd forks its dst generator from the global RNG on its first call after apply_patch:
+    # seeding it here makes the batch's images depend on the batch only, not on what ran before
+    torch.manual_seed(protocol.seeds[start])
     out = pipe(
         prompt=list(protocol.prompts[start:stop]), height=protocol.height, width=protocol.width,
         num_inference_steps=steps or protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
@@ -263,6 +304,57 @@ def machine_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+#: How a variant runs under compilation, in the order they are tried.
+COMPILE_MODES = ("fullgraph", "graph breaks", "eager")
+
+
+class _Runner:
+    """Switches variants on and off a pipeline, with their transformer blocks compiled by
+    ``backend`` (None: eager) in the variant's compile mode."""
+
+    def __init__(self, pipe: Any, protocol: Protocol, backend: str | None) -> None:
+        self.pipe, self.protocol, self.backend = pipe, protocol, backend
+        self.modes: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def running(self, v: Variant) -> Iterator[None]:
+        mode = self.modes.get(v.key, COMPILE_MODES[0])
+        if self.backend is not None and mode != "eager":
+            _compile_blocks(self.pipe.unet, fullgraph=mode == "fullgraph", backend=self.backend)
+        v.apply(self.pipe)
+        try:  # a variant that does not compile runs the compiled blocks eagerly
+            with torch.compiler.set_stance("force_eager") if mode == "eager" else contextlib.nullcontext():
+                yield
+        finally:
+            v.remove(self.pipe)
+
+    def generate(self, v: Variant, start: int, stop: int, steps: int | None = None) -> np.ndarray:
+        with self.running(v):
+            return _generate(self.pipe, self.protocol, start, stop, steps)
+
+    def compile(self, v: Variant, batches: list[tuple[int, int]], steps: int) -> dict[str, Any]:
+        """Compile ``v`` by generating each of ``batches`` (one per batch size) with ``steps``
+        steps: in the first mode of :data:`COMPILE_MODES` that works. Returns the report: mode,
+        seconds, graph breaks, and why the modes before failed."""
+        report: dict[str, Any] = {"errors": {}}
+        start = time.perf_counter()
+        for mode in COMPILE_MODES:
+            self.modes[v.key] = mode
+            breaks = sum(counters["graph_break"].values())
+            try:
+                for b in batches:
+                    self.generate(v, *b, steps=steps)
+                break
+            except Exception as err:  # noqa: BLE001 - whatever stops this mode, try the next
+                if mode == "eager":
+                    raise
+                report["errors"][mode] = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+        _synchronize(self.pipe)
+        report.update(mode=mode, seconds=time.perf_counter() - start,
+                      graph_breaks=sum(counters["graph_break"].values()) - breaks, compiled_while_timed=0)
+        return report
+
+
 def generate_all(
     load_pipeline: Callable[[], Any],
     variants: list[Variant],
@@ -272,71 +364,128 @@ def generate_all(
     setup: dict[str, Any],
     bound_batches: int | None = None,
     progress: bool = True,
+    process: Any = None,
+    compile_backend: str | None = None,
 ) -> State:
     """Generate every image of every variant that is not on disk yet (see the module docstring).
 
+    ``process`` is the ``accelerate.PartialState`` of a multi-process run (None: one process);
+    every process calls this function, generates the batches ``i`` with ``i % N`` equal to its
+    index, and returns once every process is done.
+
     ``load_pipeline`` is called only when something is left to generate, so a finished run
     computes its metrics on a machine that cannot load (or run) the model. The machine, torch
-    version and scheduler of the generation are recorded in ``state.json`` ("generated_with");
-    resuming on another machine raises ValueError instead of mixing timings.
+    version, scheduler and number of processes of the generation are recorded in ``state.json``
+    ("generated_with"); resuming with other ones raises ValueError instead of mixing timings.
 
     The ``bound`` is timed on the first ``bound_batches`` batches only (all when ``None``): it
     keeps no images, so more batches only refine its time.
 
-    ``setup`` (model, protocol, batch size, ...) is recorded in ``state.json``; a folder holding a
-    run with another setup raises ValueError instead of mixing the two.
-    """
-    from tqdm.auto import tqdm
+    ``setup`` (model, protocol, batch size, compilation, ...) is recorded in ``state.json``; a
+    folder holding a run with another setup raises ValueError instead of mixing the two.
 
+    ``compile_backend`` (e.g. ``"inductor"``) compiles every variant's transformer blocks (see
+    :class:`_Runner`); the compiling calls are untimed and reported in the timings.
+    """
+    rank, size = (process.process_index, process.num_processes) if process is not None else (0, 1)
     store, state = ImageStore(out / "images"), State(out / "state.json")
-    state.check_setup(setup)
+    state.check_setup(setup)  # every process reads the same file, so all of them agree; saved below
+    timed = {v.key: set() for v in variants}
+    for record in process_timings(out):  # read before any process writes (the gather below waits)
+        for key, entry in record.data.items():
+            timed.setdefault(key, set()).update(entry["batch_seconds"])
     n = len(protocol.prompts)
     batches = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
     def done(v: Variant, start: int, stop: int) -> bool:
-        timed = f"{start}:{stop}" in state.variant(v.key)["batch_seconds"]
-        return timed and (not v.keeps_images or store.has(v.key, range(start, stop)))
+        return f"{start}:{stop}" in timed[v.key] and (not v.keeps_images or store.has(v.key, range(start, stop)))
 
-    todo = [(b, v) for i, b in enumerate(batches) for v in variants
+    todo = [(i, b, v) for i, b in enumerate(batches) for v in variants
             if not done(v, *b) and (v.keeps_images or bound_batches is None or i < bound_batches)]
     if not todo:
         return state
+    # every process loads and checks, even one whose shard is done, so that all stop alike
     pipe = load_pipeline()
     generated_with = dict(machine=machine_name(pipe.unet.device), torch=torch.__version__,
-                          scheduler=type(pipe.scheduler).__name__)
-    old = state.data.setdefault("generated_with", generated_with)
-    if old != generated_with:
-        raise ValueError(f"{out} was generated with {old}, not {generated_with}: its timings would mix; "
+                          scheduler=type(pipe.scheduler).__name__, num_processes=size)
+    seen = _gather(process, generated_with)
+    recorded = state.data.get("generated_with", seen[0])
+    other = next((g for g in seen if g != recorded), None)
+    if other is not None:
+        raise ValueError(f"{out} was generated with {recorded}, not {other}: its timings would mix; "
                          "use another --out or --fresh")
+    state.data["generated_with"] = recorded
+    if rank == 0:
+        state.save()
+    mine = [(b, v) for i, b, v in todo if i % size == rank]
+    if mine:
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # one static graph per batch size
+            _generate_shard(pipe, variants, protocol, mine, store, Timings(timings_path(out, rank)),
+                            compile_backend, progress and rank == 0, f"generate (process {rank} of {size})")
+    if size > 1:
+        process.wait_for_everyone()
+    return state
+
+
+def _gather(process: Any, obj: Any) -> list[Any]:
+    """``obj`` of every process, in process order (on every process)."""
+    if process is None or process.num_processes == 1:
+        return [obj]
+    from accelerate.utils import gather_object
+
+    return gather_object([obj])
+
+
+def _generate_shard(
+    pipe: Any,
+    variants: list[Variant],
+    protocol: Protocol,
+    todo: list[tuple[tuple[int, int], Variant]],
+    store: ImageStore,
+    record: Timings,
+    compile_backend: str | None,
+    progress: bool,
+    desc: str,
+) -> None:
+    """One process's batches: warm-up (and compilation), then the timed batches in order."""
+    from tqdm.auto import tqdm
+
     pipe.set_progress_bar_config(disable=True)
+    runner = _Runner(pipe, protocol, compile_backend)
     warm_steps = min(protocol.num_inference_steps, 4)  # both AgentSD phases, kernel selection
-    _generate(pipe, protocol, *batches[0], steps=warm_steps)  # one-time allocations, charged to none
+    first = todo[0][0]
+    _generate(pipe, protocol, *first, steps=warm_steps)  # one-time allocations, charged to none
     for v in variants:
-        if any(tv is v for _, tv in todo):
-            v.apply(pipe)
-            with PeakMemory(pipe.unet.device) as mem:
-                _generate(pipe, protocol, *batches[0], steps=warm_steps)
-            v.remove(pipe)
-            entry = state.variant(v.key)
-            entry.setdefault("peak_memory_mb", mem.peak_mb)
-    state.save()
-    bar = tqdm(total=len(todo), desc="generate", unit="batch", disable=not progress)
+        own = [b for b, tv in todo if tv is v]
+        if not own:
+            continue
+        entry = record.variant(v.key)
+        if compile_backend is not None:  # every batch size once, so that no timed batch compiles
+            entry["compile"] = runner.compile(v, list({stop - start: (start, stop) for start, stop in own}.values()),
+                                              warm_steps)
+        with runner.running(v), PeakMemory(pipe.unet.device) as mem:
+            _generate(pipe, protocol, *first, steps=warm_steps)
+        entry.setdefault("peak_memory_mb", mem.peak_mb)
+    record.save()
+    bar = tqdm(total=len(todo), desc=desc, unit="batch", disable=not progress)
     for (start, stop), v in todo:
         bar.set_postfix_str(f"{v.key} images {start}-{stop - 1}")
-        v.apply(pipe)
-        _synchronize(pipe)
-        t0 = time.perf_counter()
-        images = _generate(pipe, protocol, start, stop)
-        _synchronize(pipe)
-        seconds = time.perf_counter() - t0
-        v.remove(pipe)
+        graphs = counters["stats"]["unique_graphs"]
+        with runner.running(v):
+            _synchronize(pipe)
+            t0 = time.perf_counter()
+            images = _generate(pipe, protocol, start, stop)
+            _synchronize(pipe)
+            seconds = time.perf_counter() - t0
         if v.keeps_images:
             store.save(v.key, start, images)
-        state.variant(v.key)["batch_seconds"][f"{start}:{stop}"] = seconds
-        state.save()
+        entry = record.variant(v.key)
+        entry["batch_seconds"][f"{start}:{stop}"] = seconds
+        if compile_backend is not None:  # a self-check: compilation must not be timed
+            entry["compile"]["compiled_while_timed"] += counters["stats"]["unique_graphs"] - graphs
+        record.save()
         bar.update(1)
     bar.close()
-    return state
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -350,64 +499,98 @@ def compute_metrics(
     device: str | torch.device = "cpu",
     batch_size: int = 50,
     progress: bool = True,
+    clip_model: str | None = None,
 ) -> list[dict[str, Any]]:
-    """FID (and adherence, when the protocol has it) of every variant, kept in ``state.json``;
-    ``real_images`` is called only if some FID is still missing. Returns one row per variant."""
+    """The metrics of every variant that keeps images, each kept in ``state.json`` as soon as it
+    is computed (a rerun computes only what is missing):
+
+    - ``fid`` (and ``adherence``, when the protocol has it); ``real_images`` is called only if
+      some FID is still missing;
+    - ``psnr`` and ``ssim`` of every image against the ``sd`` image of the same index (when ``sd``
+      is among the variants);
+    - with ``clip_model`` (a local CLIP folder or hub id), ``clip_score`` against the prompts.
+
+    Returns one row per variant (:func:`summarize`).
+    """
     from tqdm.auto import tqdm
 
     from eval.fid import fid_metric
+    from eval.fidelity import clip_score, float_batches, load_clip, same_seed_fidelity
 
     store, state = ImageStore(out / "images"), State(out / "state.json")
     n = len(protocol.prompts)
-    metric = None
-    for v in tqdm(variants, desc="metrics", disable=not progress):
+    sd = next((v for v in variants if v.method == "sd"), None)
+    fid = clip = reference = None
+    for v in tqdm([v for v in variants if v.keeps_images], desc="metrics", disable=not progress):
         entry = state.variant(v.key)
-        if not v.keeps_images or entry.get("num_images") == n:
-            continue
-        if metric is None:
-            metric = fid_metric(device)
-            for batch in _batches(real_images(), batch_size):
-                metric.update(_to_float(batch, device), real=True)
-        images = store.load(v.key, n)
-        metric.reset()  # keeps the real features
-        for batch in _batches(images, batch_size):
-            metric.update(_to_float(batch, device), real=False)
-        entry["fid"] = float(metric.compute())
-        if protocol.scores_adherence:
-            from eval.adherence import score_adherence
+        images = None
+        if "fid" not in entry:
+            if fid is None:
+                fid = fid_metric(device)
+                for batch in float_batches(real_images(), batch_size, device):
+                    fid.update(batch, real=True)
+            images = store.load(v.key, n)
+            fid.reset()  # keeps the real features
+            for batch in float_batches(images, batch_size, device):
+                fid.update(batch, real=False)
+            entry["fid"] = float(fid.compute())
+            if protocol.scores_adherence:
+                from eval.adherence import score_adherence
 
-            entry["adherence"] = score_adherence(images, list(protocol.prompts))
-        entry["num_images"] = n
-        state.save()
-    return summarize(state, variants, protocol)
+                entry["adherence"] = score_adherence(images, list(protocol.prompts))
+            state.save()
+        if sd is not None and v is not sd and "psnr" not in entry:
+            images = store.load(v.key, n) if images is None else images
+            reference = store.load(sd.key, n) if reference is None else reference
+            entry.update(same_seed_fidelity(images, reference, batch_size, device))
+            state.save()
+        if clip_model is not None and entry.get("clip_score", {}).get("model") != clip_model:
+            images = store.load(v.key, n) if images is None else images
+            clip = load_clip(clip_model, device) if clip is None else clip
+            entry["clip_score"] = {"model": clip_model,
+                                   "score": clip_score(clip, images, protocol.prompts, batch_size, device)}
+            state.save()
+    return summarize(state, process_timings(out), variants, protocol, clip_model)
 
 
-def _batches(images: np.ndarray, size: int) -> Iterable[np.ndarray]:
-    return (images[i : i + size] for i in range(0, len(images), size))
-
-
-def _to_float(images: np.ndarray, device: str | torch.device) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255).to(device)
-
-
-def summarize(state: State, variants: list[Variant], protocol: Protocol) -> list[dict[str, Any]]:
-    """One row per variant: fid, adherence, seconds per image, speed-up over ``sd`` and share of
-    the possible saving (``bound``), peak memory, number of images."""
+def summarize(state: State, timings: list[Timings], variants: list[Variant], protocol: Protocol,
+              clip_model: str | None = None) -> list[dict[str, Any]]:
+    """One row per variant: its metrics (fid, adherence, psnr and ssim against ``sd``, and the
+    CLIP score of ``clip_model`` when given), seconds per image (summed batch times of all
+    processes / images: the device time an image costs), images per second (images / the
+    longest summed time of one process: the run's wall-clock throughput), speed-up over ``sd``
+    and share of the possible saving (``bound``), peak memory (the largest of the processes),
+    the compile report when compiled, and the number of images."""
     n = len(protocol.prompts)
     rows = []
     for v in variants:
         entry = state.variant(v.key)
-        seconds = list(entry["batch_seconds"].values())
-        timed = sum(int(k.split(":")[1]) - int(k.split(":")[0]) for k in entry["batch_seconds"])
+        records = [t.data[v.key] for t in timings if v.key in t.data]
+        batch_seconds = {k: s for r in records for k, s in r["batch_seconds"].items()}
+        images = sum(int(k.split(":")[1]) - int(k.split(":")[0]) for k in batch_seconds)
+        longest = max((sum(r["batch_seconds"].values()) for r in records), default=0)
+        memory = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
         row: dict[str, Any] = dict(
             method=v.method, ratio=v.ratio,
-            fid=entry.get("fid"),
-            seconds_per_image=sum(seconds) / timed if timed else None,
-            peak_memory_mb=entry.get("peak_memory_mb"),
+            fid=entry.get("fid"), psnr=entry.get("psnr"), ssim=entry.get("ssim"),
+            seconds_per_image=sum(batch_seconds.values()) / images if images else None,
+            images_per_second=images / longest if longest else None,
+            peak_memory_mb=max(memory, default=None),
             num_images=n if v.keeps_images else 0,
         )
         if protocol.scores_adherence and v.keeps_images:
             row["adherence"] = entry.get("adherence", {}).get("all_correct")
+        if clip_model is not None and v.keeps_images:
+            row["clip_score"] = entry.get("clip_score", {}).get("score")
+        compiled = [r["compile"] for r in records if "compile" in r]
+        if compiled:
+            row.update(
+                compile_mode=COMPILE_MODES[max(COMPILE_MODES.index(c["mode"]) for c in compiled)],
+                compile_seconds=max(c["seconds"] for c in compiled),
+                graph_breaks=max(c["graph_breaks"] for c in compiled),
+                compiled_while_timed=sum(c["compiled_while_timed"] for c in compiled),
+                compile_errors={m: e for c in compiled for m, e in c["errors"].items()},
+            )
         rows.append(row)
     base = next((r["seconds_per_image"] for r in rows if r["method"] == "sd"), None)
     floor = next((r["seconds_per_image"] for r in rows if r["method"] == "bound"), None)

@@ -12,14 +12,21 @@ Protocols:
 With the quick and full protocols, prompts are captions of the embedded model's procedural
 generator and the real images for FID come from the same generator (or --reference-dir).
 
-Outputs in --out: results.json, results.md (table), fid_vs_time.png, samples.png, every image
-under images/, and state.json. Rerunning the same command resumes where it stopped.
+Outputs in --out: results.json, results.md (table), fid_vs_time.png, fidelity_vs_time.png (PSNR and
+SSIM against the sd image of the same seed), samples.png, every image under images/, state.json
+(setup, metrics) and timings/process-<rank>.json. Rerunning the same command resumes where it
+stopped.
+
+Several processes share the work when launched with accelerate: batch i goes to process i % N,
+each process times its own batches, and the main process computes the metrics once all are done.
 
 Examples:
   python scripts/benchmark_fid.py
   python scripts/benchmark_fid.py --protocol full --out runs/fid_full
   python scripts/benchmark_fid.py --protocol paper --model runwayml/stable-diffusion-v1-5 \\
       --reference-dir /data/imagenet/val --device cuda
+  accelerate launch --num_processes 8 scripts/benchmark_fid.py --protocol paper \\
+      --model runwayml/stable-diffusion-v1-5 --reference-dir /data/imagenet/val
 """
 from __future__ import annotations
 
@@ -28,12 +35,17 @@ import os
 import shutil
 import sys
 import warnings
+from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 for _lib in ("TRANSFORMERS", "DIFFUSERS"):  # library chatter would bury the results and errors
     os.environ.setdefault(f"{_lib}_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=FutureWarning)
+if TYPE_CHECKING:
+    import torch
+    from accelerate import PartialState
 
 PRESETS = {
     "quick": dict(num_images=64, ratios=[0.4], steps=25, guidance=3.0, batch_size=32, size=64),
@@ -75,6 +87,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-metrics", action="store_true",
                    help="stop after generation (on a machine without the FID network); "
                         "the same command without it later computes the metrics and generates nothing")
+    p.add_argument("--clip-model", default=None, metavar="PATH_OR_ID",
+                   help="also score every row against its prompts with torchmetrics' CLIPScore and this CLIP "
+                        "(a local folder of CLIPModel + CLIPProcessor, or a hub id, which may download); "
+                        "default: no CLIP score")
+    p.add_argument("--compile", action="store_true",
+                   help="run every method with its transformer blocks compiled (compile_repeated_blocks, "
+                        "fullgraph=True, else with graph breaks, else eager; each reported); compilation "
+                        "happens in untimed warm-up calls and is reported apart")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend of --compile (default: inductor; aot_eager traces alike "
+                        "without generating code, for quick checks)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     for key, value in PRESETS[args.protocol].items():
@@ -95,16 +118,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> None:
-    sys.exit(f"benchmark_fid.py: error: {message}")
+def fail(message: str) -> NoReturn:
+    """Stop with one line. Every process of a multi-process run meets the same errors, so only
+    the main process prints it; the others stop with status 1."""
+    from accelerate import PartialState
+
+    sys.exit(f"benchmark_fid.py: error: {message}" if PartialState().is_main_process else 1)
 
 
-def load_pipeline(model: str, device: str, dtype):
+def load_pipeline(model: str, device: "torch.device | str", dtype: "torch.dtype"):
     """The pipeline at ``model``; any failure becomes one line."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
-    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():
-        fail(f"--model {model}: no such folder (give a local pipeline folder or a hub id)")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
                                                        requires_safety_checker=False)
@@ -119,18 +144,34 @@ def load_pipeline(model: str, device: str, dtype):
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
+    from accelerate import PartialState
+
+    requested = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # one process unless launched by accelerate; a long wait for the slowest shard is no error
+    process = PartialState(cpu=requested.type == "cpu", timeout=timedelta(days=7))
+    try:
+        run(args, process, requested)
+    finally:
+        process.destroy_process_group()
+
+
+def run(args: argparse.Namespace, process: "PartialState", requested: "torch.device") -> None:
+    """This process's part of the benchmark (all of it in a one-process run): its shard of the
+    generation and, in the main process, the metrics and reports once every shard is done."""
+    import torch
     from diffusers import PNDMScheduler
 
     from eval import fid_benchmark as fb
-    from eval import report
+    from eval import fidelity, report
     from eval.adherence import reference_model_dir
 
     try:
         variants = fb.build_variants(args.methods, args.ratios, bound=not args.no_bound)
     except ValueError as e:
         fail(str(e))
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
+    # each process its own GPU (accelerate's device) unless a device index was given
+    device = process.device if requested.index is None and process.device.type == requested.type else requested
+    dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
 
     if args.protocol == "paper":
@@ -151,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
         return fb.shapes_real_images(num_real, args.seed, args.size)
 
     model = args.model or str(reference_model_dir())
+    if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():  # before any file is written
+        fail(f"--model {model}: no such folder (give a local pipeline folder or a hub id)")
 
     def pipeline():
         pipe = load_pipeline(model, device, dtype)
@@ -158,35 +201,50 @@ def main(argv: list[str] | None = None) -> None:
             pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config)
         return pipe
 
-    if args.fresh and args.out.exists():
+    if args.clip_model is not None and not args.skip_metrics and process.is_main_process:
+        try:  # fail early, not after hours of generation
+            fidelity.check_clip_model(args.clip_model)
+        except ValueError as e:
+            fail(str(e))
+    if args.fresh and args.out.exists() and process.is_main_process:
         shutil.rmtree(args.out)
+    process.wait_for_everyone()
     args.out.mkdir(parents=True, exist_ok=True)
     setup = dict(
         model=args.model or "embedded reference model", protocol=protocol.describe(),
-        batch_size=args.batch_size, dtype=dtype_name, device=device, seed=args.seed,
+        batch_size=args.batch_size, dtype=dtype_name, device=device.type, seed=args.seed,
         reference=str(args.reference_dir) if args.reference_dir else "procedural generator", num_real=num_real,
+        compile=args.compile_backend if args.compile else None,
     )
     try:
         state = fb.generate_all(pipeline, variants, protocol, args.out, args.batch_size, setup,
-                                bound_batches=args.bound_batches or None, progress=not args.no_progress)
+                                bound_batches=args.bound_batches or None, progress=not args.no_progress,
+                                process=process, compile_backend=setup["compile"])
     except ValueError as e:
         fail(str(e))
+    if not process.is_main_process:  # every shard is done; the main process computes the metrics
+        return
     if args.skip_metrics:
         print(f"images and timings in {args.out}/; rerun without --skip-metrics for the metrics")
         return
-    metrics_device = device if device == "cpu" or torch.cuda.is_available() else "cpu"
-    rows = fb.compute_metrics(variants, protocol, args.out, real_images, metrics_device,
-                              progress=not args.no_progress)
+    metrics_device = device if device.type == "cpu" or torch.cuda.is_available() else "cpu"
+    try:
+        rows = fb.compute_metrics(variants, protocol, args.out, real_images, metrics_device,
+                                  progress=not args.no_progress, clip_model=args.clip_model)
+    except ValueError as e:
+        fail(str(e))
     setup = {**setup, **state.data["generated_with"]}
     report.write_results(rows, setup, args.out)
     title = (f"{setup['model']}, {protocol.name}: {len(protocol.prompts)} images, {protocol.num_inference_steps} "
-             f"steps, {dtype_name}, {setup['machine']}")
+             f"steps, {dtype_name}, {setup['machine']}, {setup['num_processes']} process(es)")
     report.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=title)
+    report.plot_fidelity_vs_time(rows, args.out / "fidelity_vs_time.png", title=title)
     store = fb.ImageStore(args.out / "images")
     n = min(args.grid_columns, len(protocol.prompts))
     report.sample_grid({v.key: store.load(v.key, n) for v in variants if v.keeps_images}, args.out / "samples.png")
-    print(report.describe(setup) + "\n\n" + report.markdown_table(rows))
-    print(f"\nwritten to {args.out}/: results.json results.md fid_vs_time.png samples.png images/")
+    print(report.describe(setup) + "\n\n" + report.markdown_table(rows, setup["num_processes"]))
+    print(f"\nwritten to {args.out}/: results.json results.md fid_vs_time.png fidelity_vs_time.png samples.png "
+          "images/ timings/")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch._dynamo.utils import counters
 
 from eval import fid_benchmark as fb
+import fid_helpers
 import tiny
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_fid.py"
@@ -21,6 +24,11 @@ def model_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    return fid_helpers.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
 def run(*args: str) -> None:
     from scripts.benchmark_fid import main
 
@@ -31,14 +39,16 @@ def image_times(out: Path) -> dict[str, float]:
     return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in sorted((out / "images").rglob("*.png"))}
 
 
-def test_end_to_end_writes_every_output_and_resumes_without_regenerating(model_dir, tmp_path, capsys):
+def test_end_to_end_writes_every_output_and_resumes_without_regenerating(model_dir, clip_dir, tmp_path):
     out = tmp_path / "run"
     args = ["--model", str(model_dir), "--num-images", "4", "--ratios", "0.4", "--steps", "3",
-            "--batch-size", "2", "--grid-columns", "3", "--out", str(out)]
+            "--batch-size", "2", "--grid-columns", "3", "--out", str(out), "--clip-model", str(clip_dir)]
     run(*args)
-    for name in ("results.json", "results.md", "fid_vs_time.png", "samples.png", "state.json"):
+    for name in ("results.json", "results.md", "fid_vs_time.png", "fidelity_vs_time.png", "samples.png",
+                 "state.json", "timings/process-0.json"):
         assert (out / name).stat().st_size > 0, name
     results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["num_processes"] == 1 and results["setup"]["compile"] is None
     rows = {(r["method"], r["ratio"]): r for r in results["rows"]}
     assert set(rows) == {("sd", None), ("tomesd", 0.4), ("agentsd", 0.4), ("bound", None)}
     for key in ("sd", "tomesd@0.4", "agentsd@0.4"):
@@ -46,10 +56,18 @@ def test_end_to_end_writes_every_output_and_resumes_without_regenerating(model_d
     assert not (out / "images" / "bound").exists()
     for (method, _), r in rows.items():
         assert r["seconds_per_image"] > 0 and r["peak_memory_mb"] is not None
+        # one process: the wall-clock throughput is the inverse of the device time per image
+        assert r["images_per_second"] == pytest.approx(1 / r["seconds_per_image"])
         if method != "bound":
             assert np.isfinite(r["fid"]) and 0 <= r["adherence"] <= 1 and r["num_images"] == 4
+            assert 0 <= r["clip_score"] <= 100
     assert rows[("sd", None)]["speedup"] == pytest.approx(1.0)
-    assert "| agentsd | 0.4 |" in (out / "results.md").read_text()
+    assert rows[("sd", None)]["psnr"] is None and rows[("bound", None)]["psnr"] is None
+    for key in (("tomesd", 0.4), ("agentsd", 0.4)):  # merged, so close to sd but not equal
+        assert 10 < rows[key]["psnr"] < np.inf and 0 < rows[key]["ssim"] < 1
+    table = (out / "results.md").read_text()
+    assert "| agentsd | 0.4 |" in table and "PSNR vs sd dB | SSIM vs sd | CLIP score |" in table
+    assert "images/s (1 process)" in table and "compile s" not in table
     # the same seeds: sd and agentsd differ (the patch acts) but start from the same noise
     sd = np.asarray(Image.open(out / "images" / "sd" / "00000.png"), dtype=float)
     agent = np.asarray(Image.open(out / "images" / "agentsd@0.4" / "00000.png"), dtype=float)
@@ -61,13 +79,17 @@ def test_end_to_end_writes_every_output_and_resumes_without_regenerating(model_d
     assert image_times(out) == before, "a finished run must regenerate nothing"
     assert (out / "state.json").read_text() == state
 
-    # an interruption that lost the second batch of agentsd regenerates that batch only
-    for i in (2, 3):
-        (out / "images" / "agentsd@0.4" / f"{i:05d}.png").unlink()
+    # an interruption that lost a batch of agentsd and one of tomesd regenerates those batches
+    # only, bit for bit: tomesd's random dst is seeded per batch, not by whatever ran before
+    lost = {"images/agentsd@0.4/00002.png", "images/agentsd@0.4/00003.png",
+            "images/tomesd@0.4/00000.png", "images/tomesd@0.4/00001.png"}
+    old = {name: (out / name).read_bytes() for name in lost}
+    for name in lost:
+        (out / name).unlink()
     run(*args)
     after = image_times(out)
-    changed = {k for k in after if after[k] != before.get(k)}
-    assert changed == {"images/agentsd@0.4/00002.png", "images/agentsd@0.4/00003.png"}
+    assert {k for k in after if after[k] != before.get(k)} == lost
+    assert {name: (out / name).read_bytes() for name in lost} == old
 
 
 def test_other_settings_in_the_same_folder_are_refused(model_dir, tmp_path):
@@ -117,15 +139,19 @@ def error_of(capsys, *args: str) -> str:
 
 
 def test_errors_are_one_line_without_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "missing")],
-                          capture_output=True, text=True, timeout=300)
+    # --out in tmp_path: the default runs/fid_quick may hold a real run (whose other settings
+    # would be the error instead) and must not be touched by a test
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tmp_path / "missing"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
     assert errors == [f"benchmark_fid.py: error: --model {tmp_path / 'missing'}: no such folder "
                       "(give a local pipeline folder or a hub id)"]
+    assert not (tmp_path / "out").exists(), "a missing model is found before anything is written"
 
 
-def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys):
+def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/fid_quick, is then the test's own
     (tmp_path / "not_a_pipeline").mkdir()
     assert "cannot load --model" in error_of(capsys, "--model", str(tmp_path / "not_a_pipeline"))
     assert "unknown method(s) sdxl" in error_of(capsys, "--methods", "sd", "sdxl")
@@ -142,6 +168,8 @@ def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys):
     Image.new("RGB", (8, 8)).save(broken / "good.png")
     (broken / "bad.jpg").write_bytes(b"not a jpeg")
     assert "bad.jpg" in error_of(capsys, "--model", str(model_dir), "--reference-dir", str(broken))
+    assert "--clip-model" in error_of(capsys, "--model", str(model_dir), "--clip-model", str(tmp_path / "no"))
+    assert "cannot load --clip-model" in error_of(capsys, "--model", str(model_dir), "--clip-model", str(empty))
 
 
 def test_reference_images_are_cropped_and_resized(tmp_path):
@@ -175,3 +203,51 @@ def test_variants_validate_methods_and_ratios():
         fb.build_variants(["fast"], [0.4])
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         fb.build_variants(["agentsd"], [-0.1])
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_run_reports_compile_time_apart_and_agentsd_traces_as_one_graph(model_dir, tmp_path, fresh_dynamo):
+    """--compile with aot_eager (dynamo's tracing, guards and breaks, without code generation)."""
+    out = tmp_path / "run"
+    args = ["--model", str(model_dir), "--num-images", "3", "--ratios", "0.4", "--steps", "2", "--batch-size", "2",
+            "--size", "32", "--out", str(out)]
+    run(*args, "--compile", "--compile-backend", "aot_eager")
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["compile"] == "aot_eager"
+    rows = {r["method"]: r for r in results["rows"]}
+    for method in ("sd", "agentsd", "bound"):
+        assert rows[method]["compile_mode"] == "fullgraph" and rows[method]["graph_breaks"] == 0, rows[method]
+    # tomesd draws its dst with a torch.Generator: no single graph, so it runs with breaks
+    assert rows["tomesd"]["compile_mode"] == "graph breaks" and rows["tomesd"]["graph_breaks"] > 0
+    assert rows["tomesd"]["compile_errors"]["fullgraph"]
+    for r in rows.values():  # batches of 2 and 1 images were compiled before any timed batch
+        assert r["compile_seconds"] > 0 and r["compiled_while_timed"] == 0 and r["seconds_per_image"] > 0
+    assert "| compiled | compile s | graph breaks |" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit, match="other settings.*compile: 'aot_eager' -> None"):
+        run(*args)
+
+
+def test_a_method_that_does_not_compile_runs_eagerly_and_is_reported(model_dir, tmp_path, fresh_dynamo):
+    def broken(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    from diffusers import StableDiffusionPipeline
+
+    variants = fb.build_variants(["agentsd"], [0.4], bound=False)
+    protocol = fb.shapes_protocol(2, steps=2, guidance=3.0, size=32)
+    images = {}
+    for name, backend in (("eager", None), ("broken", broken)):
+        fb.generate_all(lambda: StableDiffusionPipeline.from_pretrained(model_dir), variants, protocol,
+                        tmp_path / name, 2, {"compile": name}, progress=False, compile_backend=backend)
+        images[name] = fb.ImageStore(tmp_path / name / "images").load("agentsd@0.4", 2)
+    report = fb.Timings(fb.timings_path(tmp_path / "broken", 0)).data["agentsd@0.4"]["compile"]
+    assert report["mode"] == "eager"
+    assert all("no compiler here" in report["errors"][mode] for mode in ("fullgraph", "graph breaks")), report
+    np.testing.assert_array_equal(images["broken"], images["eager"])
