@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,7 +37,10 @@ SD15_UNET_CONFIG: dict[str, Any] = dict(
 METHODS = (
     "sdpa", "tomesd", "agentsd-agent", "agentsd-tome", "bound",
     "agentsd-agent-xattn", "bound-xattn", "agentsd-agent-mlp", "bound-mlp",
+    "deepcache", "tomesd+deepcache", "agentsd-agent+deepcache", "bound+deepcache",
 )
+#: DeepCache's recommended settings for SD1.5 (its README): a full UNet every 3rd step, branch 0.
+DEEPCACHE_DEFAULTS = dict(cache_interval=3, cache_branch_id=0)
 #: What each bound makes free in the patched blocks, and which AgentSD variant it bounds.
 BOUNDS = {"bound": ("attn1",), "bound-xattn": ("attn1", "attn2"), "bound-mlp": ("attn1", "ff")}
 AGENTSD_VARIANTS = {  # method: (agent_fraction, extra settings, its bound)
@@ -63,14 +67,17 @@ class ZeroFeedForward(torch.nn.Module):
 
 @dataclass
 class Method:
-    """One configuration to time: how to switch it on and off on a UNet, and the bound row its
-    share of the possible saving is measured against."""
+    """One configuration to time: how to switch it on and off on a UNet, the timesteps of one
+    timed sample (a sample's time is the mean over them), and the rows its share of the possible
+    saving is measured between (``baseline`` to ``bound``)."""
 
     name: str
     ratio: float | None
     apply: Callable[[UNet2DConditionModel], None]
     remove: Callable[[UNet2DConditionModel], None]
     bound: str = "bound"
+    baseline: str = "sdpa"
+    timesteps: tuple[int, ...] = (500,)
 
     @property
     def key(self) -> str:
@@ -105,11 +112,47 @@ def _bound(name: str) -> Method:
     return Method(name, None, apply, remove, bound=name)
 
 
-def build_methods(names: list[str], ratios: list[float]) -> list[Method]:
-    """The methods to compare; ratio-dependent ones once per ratio."""
+def with_deepcache(method: Method, cache_interval: int, cache_branch_id: int) -> Method:
+    """``method`` with DeepCache (PyPI ``deepcache``) on top. One timed sample is one cache cycle:
+    ``cache_interval`` UNet calls at consecutive timesteps of a 50-step PNDM schedule (the first
+    runs the full UNet, the others only the shallow branch), so its time is the mean step."""
+    from DeepCache import DeepCacheSDHelper
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    scheduler.set_timesteps(50)
+    helpers: list[Any] = []
+
+    def apply(unet: UNet2DConditionModel) -> None:
+        method.apply(unet)
+        helper = DeepCacheSDHelper(pipe=SimpleNamespace(unet=unet, scheduler=scheduler))
+        helper.set_params(cache_interval=cache_interval, cache_branch_id=cache_branch_id)
+        helper.enable()
+        helpers.append(helper)
+
+    def remove(unet: UNet2DConditionModel) -> None:
+        helpers.pop().disable()
+        method.remove(unet)
+
+    name = "deepcache" if method.name == "sdpa" else f"{method.name}+deepcache"
+    bound = f"{method.bound}+deepcache"
+    timesteps = tuple(int(t) for t in scheduler.timesteps[:cache_interval])
+    return Method(name, method.ratio, apply, remove, bound=bound, baseline="deepcache", timesteps=timesteps)
+
+
+def build_methods(names: list[str], ratios: list[float], deepcache: dict[str, int] | None = None) -> list[Method]:
+    """The methods to compare; ratio-dependent ones once per ratio. ``deepcache`` holds the
+    ``cache_interval`` and ``cache_branch_id`` of the ``*deepcache`` methods (default:
+    :data:`DEEPCACHE_DEFAULTS`)."""
     methods = []
     for name in names:
-        if name == "sdpa":
+        if name.endswith("deepcache"):
+            base = "sdpa" if name == "deepcache" else name.removesuffix("+deepcache")
+            if base not in ("sdpa", "tomesd", "agentsd-agent", "bound"):
+                raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+            settings = {**DEEPCACHE_DEFAULTS, **(deepcache or {})}
+            methods += [with_deepcache(m, **settings) for m in build_methods([base], ratios)]
+        elif name == "sdpa":
             methods.append(Method(name, None, lambda u: None, lambda u: None))
         elif name in BOUNDS:
             methods.append(_bound(name))
@@ -177,15 +220,19 @@ def _malloc_trim() -> None:
         pass
 
 
-def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor]) -> float:
-    """Seconds for one UNet forward (inputs positional: tomesd's hook reads ``args[0]``)."""
-    sync = torch.cuda.synchronize if inputs["sample"].is_cuda else (lambda: None)
+def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor], timesteps: tuple[int, ...] = (500,)) -> float:
+    """Mean seconds of one UNet forward at each of ``timesteps`` (inputs positional: tomesd's hook
+    reads ``args[0]``, DeepCache's ``args[1]``)."""
+    sample = inputs["sample"]
+    sync = torch.cuda.synchronize if sample.is_cuda else (lambda: None)
+    steps = [torch.tensor(t, device=sample.device) for t in timesteps]
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
-        unet(inputs["sample"], inputs["timestep"], inputs["encoder_hidden_states"])
+        for t in steps:
+            unet(sample, t, inputs["encoder_hidden_states"])
     sync()
-    return time.perf_counter() - start
+    return (time.perf_counter() - start) / len(steps)
 
 
 class SettingsMismatch(ValueError):
@@ -240,7 +287,6 @@ def run_benchmark(
         latent = size // 8
         inputs = dict(
             sample=torch.randn(batch, 4, latent, latent, generator=g).to(param),
-            timestep=torch.tensor(500, device=param.device),
             encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(param),
         )
         results = raw.setdefault(str(size), {})
@@ -251,7 +297,7 @@ def run_benchmark(
             breaks = sum(counters["graph_break"].values())
             enter(method)
             try:
-                entry["first_call_s"] = time_step(unet, inputs)
+                entry["first_call_s"] = time_step(unet, inputs, method.timesteps)
             except Exception as err:  # noqa: BLE001 - whatever stops a full graph, retry with breaks
                 if not compile:
                     raise
@@ -259,9 +305,9 @@ def run_benchmark(
                 fullgraph[method.key] = False
                 entry["fullgraph_error"] = str(err).strip().splitlines()[0][:200]
                 enter(method)
-                entry["first_call_s"] = time_step(unet, inputs)
+                entry["first_call_s"] = time_step(unet, inputs, method.timesteps)
             if compile:  # a second untimed call: a compiled method settles its guards
-                time_step(unet, inputs)
+                time_step(unet, inputs, method.timesteps)
             method.remove(unet)
             if compile:
                 entry["fullgraph"] = fullgraph.get(method.key, True)
@@ -272,7 +318,7 @@ def run_benchmark(
                 if len(entry["seconds"]) > rep:
                     continue
                 enter(method)
-                seconds = time_step(unet, inputs)
+                seconds = time_step(unet, inputs, method.timesteps)
                 method.remove(unet)
                 entry["seconds"].append(seconds)
                 raw_path.write_text(json.dumps(raw, indent=1))
@@ -282,7 +328,7 @@ def run_benchmark(
             if "peak_mb" not in entry:
                 enter(method)
                 with PeakMemory(param.device) as mem:
-                    time_step(unet, inputs)
+                    time_step(unet, inputs, method.timesteps)
                 method.remove(unet)
                 entry["peak_mb"] = mem.peak_mb
                 raw_path.write_text(json.dumps(raw, indent=1))
@@ -315,7 +361,8 @@ def summarize(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> l
                 peak_mb=entry["peak_mb"],
                 speedup=t_sdpa / t if t_sdpa else None,
                 bound=method.bound,
-                saving_share=saving_share(t_sdpa, t, median.get(method.bound)),
+                baseline=method.baseline,
+                saving_share=saving_share(median.get(method.baseline), t, median.get(method.bound)),
                 first_call_s=entry.get("first_call_s"),
                 graph_breaks=entry.get("graph_breaks"),
             ))
@@ -335,7 +382,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
     for r in rows:
         share = None if r["saving_share"] is None else 100 * r["saving_share"]
-        bound = "" if r["bound"] == "bound" or r["saving_share"] is None else f" of {r['bound']}"
+        bound = "" if r["bound"] == "bound" or r["saving_share"] is None else f" ({r['baseline']} -> {r['bound']})"
         line = (
             f"| {r['size']} | {r['method']} | {fmt(r['ratio'], 'g')} | {r['median_s']:.3f} | "
             f"{fmt(r['speedup'], '.2f', 'x')} | {fmt(share, '.0f', ' %')}{bound} | {r['peak_mb']:.0f} |"

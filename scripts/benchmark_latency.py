@@ -27,7 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="methods to time: sdpa tomesd agentsd-agent agentsd-tome bound agentsd-agent-xattn "
-                        "bound-xattn agentsd-agent-mlp bound-mlp (default: all)")
+                        "bound-xattn agentsd-agent-mlp bound-mlp deepcache tomesd+deepcache "
+                        "agentsd-agent+deepcache bound+deepcache (default: all but the deepcache ones)")
+    p.add_argument("--deepcache-interval", type=int, default=3,
+                   help="DeepCache: a full UNet every N steps; the *deepcache rows time one such cycle "
+                        "and report its mean step (default: 3)")
+    p.add_argument("--deepcache-branch", type=int, default=0, help="DeepCache cache_branch_id (default: 0)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method and size (default: 5)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance (default: 2)")
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
@@ -47,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ratios must be in [0, 1), got {args.ratios}")
     if args.repeats < 1:
         p.error("--repeats must be >= 1")
+    if args.deepcache_interval < 1 or args.deepcache_branch < 0:
+        p.error("--deepcache-interval must be >= 1 and --deepcache-branch >= 0")
     return args
 
 
@@ -60,7 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     try:
-        methods = build_methods(args.methods or list(METHODS), args.ratios)
+        default = [m for m in METHODS if not m.endswith("deepcache")]
+        deepcache = dict(cache_interval=args.deepcache_interval, cache_branch_id=args.deepcache_branch)
+        methods = build_methods(args.methods or default, args.ratios, deepcache)
     except ValueError as e:
         sys.exit(f"error: {e}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[

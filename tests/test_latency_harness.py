@@ -2,6 +2,8 @@ import json
 
 import pytest
 
+import agentsd
+
 from eval.latency import SettingsMismatch, build_methods, markdown_table, run_benchmark, summarize
 
 import tiny
@@ -59,3 +61,19 @@ def test_saving_share_is_left_out_when_the_bound_saves_nothing():
     assert saving_share(1.0, 1.1, 0.8) == pytest.approx(-0.5)  # slower than the baseline
     assert saving_share(1.0, 0.9, 0.99) is None  # a 1 % possible saving: noise, not a share
     assert saving_share(None, 0.9, 0.8) is None
+
+
+def test_deepcache_rows_time_a_cache_cycle_against_their_own_baseline_and_bound(tmp_path):
+    unet = tiny.unet("sd1")
+    methods = build_methods(["sdpa", "deepcache", "agentsd-agent+deepcache", "bound+deepcache"], [0.4],
+                            dict(cache_interval=2, cache_branch_id=0))
+    assert [m.key for m in methods] == ["sdpa", "deepcache", "agentsd-agent+deepcache@0.4", "bound+deepcache"]
+    assert methods[1].timesteps == (981, 961) and methods[2].baseline == "deepcache"
+    forwards = {name: m.forward for name, m in unet.named_modules()}
+    raw = run_benchmark(unet, [128], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json", progress=lambda s: None)
+    rows = {r["method"]: r for r in summarize(raw, methods, [128])}
+    assert rows["agentsd-agent+deepcache"]["bound"] == "bound+deepcache"
+    # DeepCache and the patch are off again: every module runs its own forward
+    assert {name: m.forward for name, m in unet.named_modules()} == forwards and not agentsd.is_patched(unet)
+    with pytest.raises(ValueError, match="unknown method 'ddim\\+deepcache'"):
+        build_methods(["ddim+deepcache"], [0.4])
