@@ -453,8 +453,7 @@ def _generate_shard(
     pipe.set_progress_bar_config(disable=True)
     runner = _Runner(pipe, protocol, compile_backend)
     warm_steps = min(protocol.num_inference_steps, 4)  # both AgentSD phases, kernel selection
-    first = todo[0][0]
-    _generate(pipe, protocol, *first, steps=warm_steps)  # one-time allocations, charged to none
+    _generate(pipe, protocol, *todo[0][0], steps=warm_steps)  # one-time allocations, charged to none
     for v in variants:
         own = [b for b, tv in todo if tv is v]
         if not own:
@@ -463,8 +462,8 @@ def _generate_shard(
         if compile_backend is not None:  # every batch size once, so that no timed batch compiles
             entry["compile"] = runner.compile(v, list({stop - start: (start, stop) for start, stop in own}.values()),
                                               warm_steps)
-        with runner.running(v), PeakMemory(pipe.unet.device) as mem:
-            _generate(pipe, protocol, *first, steps=warm_steps)
+        with runner.running(v), PeakMemory(pipe.unet.device) as mem:  # a batch size it was compiled for
+            _generate(pipe, protocol, *own[0], steps=warm_steps)
         entry.setdefault("peak_memory_mb", mem.peak_mb)
     record.save()
     bar = tqdm(total=len(todo), desc=desc, unit="batch", disable=not progress)

@@ -80,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bound-batches", type=int, default=2,
                    help="batches on which the bound is timed (default: 2; 0: all)")
     p.add_argument("--grid-columns", type=int, default=8, help="samples per row in samples.png (default: 8)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--device", default=None,
+                   help="cuda, cpu, cuda:1, ... (default: cuda if available, else cpu); under accelerate launch, "
+                        "cuda is each process's own GPU")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: runs/fid_<protocol>)")
     p.add_argument("--fresh", action="store_true", help="discard an earlier run in --out")
@@ -112,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-real must be >= 2, got {args.num_real}")
     if args.size < 8 or args.size % 8:
         p.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.compile_backend != "inductor" and not args.compile:
+        p.error("--compile-backend needs --compile")
     if args.protocol == "paper" and (args.model is None or args.reference_dir is None):
         p.error("--protocol paper needs --model (an SD 1.x/2.x pipeline) and --reference-dir (real images)")
     args.out = args.out or Path("runs") / f"fid_{args.protocol}"
@@ -147,12 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     from accelerate import PartialState
 
     requested = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    # one process unless launched by accelerate; a long wait for the slowest shard is no error
+    # one process unless launched by accelerate; waiting long for the slowest shard is no error
     process = PartialState(cpu=requested.type == "cpu", timeout=timedelta(days=7))
     try:
         run(args, process, requested)
     finally:
-        process.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def run(args: argparse.Namespace, process: "PartialState", requested: "torch.device") -> None:
@@ -169,6 +174,9 @@ def run(args: argparse.Namespace, process: "PartialState", requested: "torch.dev
         variants = fb.build_variants(args.methods, args.ratios, bound=not args.no_bound)
     except ValueError as e:
         fail(str(e))
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile and args.compile_backend not in backends:
+        fail(f"--compile-backend {args.compile_backend!r} is unknown; choose from {', '.join(backends)}")
     # each process its own GPU (accelerate's device) unless a device index was given
     device = process.device if requested.index is None and process.device.type == requested.type else requested
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")

@@ -158,6 +158,8 @@ def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert "ratios must be in [0, 1)" in error_of(capsys, "--ratios", "0.4", "1.5")
     assert "--ratios: invalid float value" in error_of(capsys, "--ratios", "half")
     assert "--size must be a positive multiple of 8" in error_of(capsys, "--size", "60")
+    assert "--compile-backend needs --compile" in error_of(capsys, "--compile-backend", "eager")
+    assert "--compile-backend 'inductr' is unknown" in error_of(capsys, "--compile", "--compile-backend", "inductr")
     assert "needs --model" in error_of(capsys, "--protocol", "paper")
     empty = tmp_path / "empty"
     empty.mkdir()
