@@ -114,6 +114,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--num-real must be >= 2, got {args.num_real}")
     if args.size < 8 or args.size % 8:
         p.error(f"--size must be a positive multiple of 8, got {args.size}")
+    if args.device is not None:
+        import torch
+
+        try:
+            torch.device(args.device)
+        except RuntimeError:
+            p.error(f"--device {args.device!r} is not a device (cuda, cpu, cuda:1, ...)")
     if args.compile_backend != "inductor" and not args.compile:
         p.error("--compile-backend needs --compile")
     if args.protocol == "paper" and (args.model is None or args.reference_dir is None):
@@ -174,8 +181,7 @@ def run(args: argparse.Namespace, process: "PartialState", requested: "torch.dev
         variants = fb.build_variants(args.methods, args.ratios, bound=not args.no_bound)
     except ValueError as e:
         fail(str(e))
-    backends = torch._dynamo.list_backends(exclude_tags=())
-    if args.compile and args.compile_backend not in backends:
+    if args.compile and args.compile_backend not in (backends := torch._dynamo.list_backends(exclude_tags=())):
         fail(f"--compile-backend {args.compile_backend!r} is unknown; choose from {', '.join(backends)}")
     # each process its own GPU (accelerate's device) unless a device index was given
     device = process.device if requested.index is None and process.device.type == requested.type else requested

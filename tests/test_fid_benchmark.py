@@ -159,6 +159,7 @@ def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys, monkeypatch):
     assert "--ratios: invalid float value" in error_of(capsys, "--ratios", "half")
     assert "--size must be a positive multiple of 8" in error_of(capsys, "--size", "60")
     assert "--compile-backend needs --compile" in error_of(capsys, "--compile-backend", "eager")
+    assert "--device 'gpu0' is not a device" in error_of(capsys, "--device", "gpu0")
     assert "--compile-backend 'inductr' is unknown" in error_of(capsys, "--compile", "--compile-backend", "inductr")
     assert "needs --model" in error_of(capsys, "--protocol", "paper")
     empty = tmp_path / "empty"
