@@ -19,6 +19,7 @@ def markdown_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
     measured), seconds per image, speed-up over ``sd``, share of the possible saving, images per
     second of the ``num_processes`` processes together, peak memory, the compile report (when
     compiled) and number of images."""
+
     def has(key: str) -> bool:
         return any(r.get(key) is not None for r in rows)
 
