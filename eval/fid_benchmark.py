@@ -41,7 +41,9 @@ from torch._dynamo.utils import counters
 import agentsd
 from eval.latency import PeakMemory, _compile_blocks, build_methods, saving_share
 
-METHODS = ("sd", "tomesd", "agentsd")
+METHODS = ("sd", "tomesd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache")
+#: DeepCache's recommended settings for SD1.5 (its README): a full UNet every 3rd step, branch 0.
+DEEPCACHE = dict(cache_interval=3, cache_branch_id=0)
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DATA = Path(__file__).resolve().parent / "data"
@@ -56,15 +58,28 @@ class Variant:
 
     AgentSD is applied to the pipeline, so its phases follow the pipeline's steps; tomesd and the
     bound act on the UNet as in the latency benchmark (:func:`eval.latency.build_methods`).
+    ``+deepcache`` methods (and ``deepcache`` alone) add DeepCache (PyPI ``deepcache``,
+    ``DeepCacheSDHelper``) with ``deepcache`` settings on top; ``bound+deepcache`` is their bound.
     """
 
     method: str
     ratio: float | None = None
+    deepcache: dict[str, int] | None = None
     _unet_method: Any = field(default=None, repr=False, compare=False)
+    _helper: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.method in ("tomesd", "bound"):
-            self._unet_method = build_methods([self.method], [self.ratio])[0]
+        if self.base in ("tomesd", "bound"):
+            self._unet_method = build_methods([self.base], [self.ratio])[0]
+
+    @property
+    def base(self) -> str:
+        """The method without DeepCache (``sd`` for ``deepcache``)."""
+        return "sd" if self.method == "deepcache" else self.method.removesuffix("+deepcache")
+
+    @property
+    def uses_deepcache(self) -> bool:
+        return self.method != self.base
 
     @property
     def key(self) -> str:
@@ -72,23 +87,35 @@ class Variant:
 
     @property
     def keeps_images(self) -> bool:
-        return self.method != "bound"
+        return self.base != "bound"
 
     def apply(self, pipe: Any) -> None:
-        if self.method == "agentsd":
+        if self.base == "agentsd":
             agentsd.apply_patch(pipe, ratio=self.ratio)
         elif self._unet_method is not None:
             self._unet_method.apply(pipe.unet)
+        if self.uses_deepcache:
+            from DeepCache import DeepCacheSDHelper
+
+            self._helper = DeepCacheSDHelper(pipe=pipe)
+            self._helper.set_params(**{**DEEPCACHE, **(self.deepcache or {})})
+            self._helper.enable()
 
     def remove(self, pipe: Any) -> None:
-        if self.method == "agentsd":
+        if self._helper is not None:
+            self._helper.disable()
+            self._helper = None
+        if self.base == "agentsd":
             agentsd.remove_patch(pipe)
         elif self._unet_method is not None:
             self._unet_method.remove(pipe.unet)
 
 
-def build_variants(methods: Iterable[str], ratios: Iterable[float], bound: bool = True) -> list[Variant]:
-    """``sd`` once, ``tomesd`` and ``agentsd`` once per ratio, and the ``bound`` if asked.
+def build_variants(methods: Iterable[str], ratios: Iterable[float], bound: bool = True,
+                   deepcache: dict[str, int] | None = None) -> list[Variant]:
+    """``sd`` and ``deepcache`` once, the other methods once per ratio, and the bounds if asked:
+    ``bound`` and, when a DeepCache method is compared, ``bound+deepcache``. ``deepcache`` holds
+    the DeepCache ``cache_interval`` and ``cache_branch_id`` (default: :data:`DEEPCACHE`).
 
     Raises:
         ValueError: for an unknown method or a ratio outside [0, 1).
@@ -102,11 +129,15 @@ def build_variants(methods: Iterable[str], ratios: Iterable[float], bound: bool 
         raise ValueError(f"ratios must be in [0, 1), got {', '.join(f'{r:g}' for r in bad)}")
     if not methods:
         raise ValueError("no method to compare")
-    if any(m != "sd" for m in methods) and not ratios:
+    if any(m not in ("sd", "deepcache") for m in methods) and not ratios:
         raise ValueError("tomesd and agentsd need at least one ratio")
-    variants = [Variant(m, None if m == "sd" else r) for m in METHODS if m in methods
-                for r in ([None] if m == "sd" else ratios)]
-    return variants + [Variant("bound")] if bound else variants
+    variants = [Variant(m, None if m in ("sd", "deepcache") else r, deepcache) for m in METHODS if m in methods
+                for r in ([None] if m in ("sd", "deepcache") else ratios)]
+    if bound:
+        variants.append(Variant("bound"))
+        if any(v.uses_deepcache for v in variants):
+            variants.append(Variant("bound+deepcache", None, deepcache))
+    return variants
 
 
 @dataclass(frozen=True)
@@ -591,10 +622,14 @@ def summarize(state: State, timings: list[Timings], variants: list[Variant], pro
                 compile_errors={m: e for c in compiled for m, e in c["errors"].items()},
             )
         rows.append(row)
-    base = next((r["seconds_per_image"] for r in rows if r["method"] == "sd"), None)
-    floor = next((r["seconds_per_image"] for r in rows if r["method"] == "bound"), None)
-    for r in rows:
+    def time_of(method: str) -> float | None:
+        return next((r["seconds_per_image"] for r in rows if r["method"] == method), None)
+
+    base = time_of("sd")
+    for r in rows:  # DeepCache rows: the saving from DeepCache alone to DeepCache with free attention
         t = r["seconds_per_image"]
+        cached = r["method"] == "deepcache" or r["method"].endswith("+deepcache")
         r["speedup"] = base / t if base and t else None
-        r["saving_share"] = saving_share(base, t, floor)
+        r["saving_share"] = (saving_share(time_of("deepcache"), t, time_of("bound+deepcache")) if cached
+                             else saving_share(base, t, time_of("bound")))
     return rows

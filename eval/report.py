@@ -51,7 +51,9 @@ def markdown_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
 def _plot_against_time(ax: Any, rows: list[dict[str, Any]], key: str, ylabel: str) -> None:
     """``key`` against seconds per image on ``ax``, one curve per method, points labelled with
     the ratio; the bound (and ``sd`` where it has no value) as vertical lines."""
-    for method, marker in (("sd", "*"), ("tomesd", "s"), ("agentsd", "o")):
+    markers = (("sd", "*"), ("tomesd", "s"), ("agentsd", "o"), ("deepcache", "P"), ("tomesd+deepcache", "D"),
+               ("agentsd+deepcache", "X"))
+    for method, marker in markers:
         pts = sorted(((r["seconds_per_image"], r[key], r["ratio"]) for r in rows if r["method"] == method
                       and r.get(key) is not None and np.isfinite(r[key]) and r["seconds_per_image"] is not None),
                      key=lambda p: p[2] or 0)
@@ -68,6 +70,9 @@ def _plot_against_time(ax: Any, rows: list[dict[str, Any]], key: str, ylabel: st
     bound = next((r["seconds_per_image"] for r in rows if r["method"] == "bound"), None)
     if bound is not None:
         ax.axvline(bound, color="grey", linestyle=":", label="bound (patched attention free)")
+    cached_bound = next((r["seconds_per_image"] for r in rows if r["method"] == "bound+deepcache"), None)
+    if cached_bound is not None:
+        ax.axvline(cached_bound, color="grey", linestyle="-.", label="bound with DeepCache")
     ax.set_xlabel("seconds per image")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)

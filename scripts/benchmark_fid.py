@@ -66,7 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hub id or local folder of an SD 1.x/2.x pipeline (default: the embedded reference model)")
     p.add_argument("--reference-dir", type=Path, default=None,
                    help="folder of real images for FID (required by --protocol paper)")
-    p.add_argument("--methods", nargs="+", default=["sd", "tomesd", "agentsd"], help="sd tomesd agentsd (default: all)")
+    p.add_argument("--methods", nargs="+", default=["sd", "tomesd", "agentsd"],
+                   help="sd tomesd agentsd deepcache tomesd+deepcache agentsd+deepcache "
+                        "(default: sd tomesd agentsd)")
+    p.add_argument("--deepcache-interval", type=int, default=3,
+                   help="DeepCache: a full UNet every N steps (default: 3, DeepCache's value for SD1.5)")
+    p.add_argument("--deepcache-branch", type=int, default=0,
+                   help="DeepCache cache_branch_id (default: 0, DeepCache's value for SD1.5)")
     p.add_argument("--ratios", type=float, nargs="+", default=None, help="merge ratios in [0, 1) (default: preset)")
     p.add_argument("--num-images", type=int, default=None, help="images per row (default: preset)")
     p.add_argument("--num-real", type=int, default=None,
@@ -108,6 +114,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("num_images", "steps", "batch_size", "grid_columns"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.deepcache_interval < 1 or args.deepcache_branch < 0:
+        p.error("--deepcache-interval must be >= 1 and --deepcache-branch >= 0")
     if args.bound_batches < 0:
         p.error(f"--bound-batches must be >= 0, got {args.bound_batches}")
     if args.num_real is not None and args.num_real < 2:
@@ -178,7 +186,8 @@ def run(args: argparse.Namespace, process: "PartialState", requested: "torch.dev
     from eval.adherence import reference_model_dir
 
     try:
-        variants = fb.build_variants(args.methods, args.ratios, bound=not args.no_bound)
+        deepcache = dict(cache_interval=args.deepcache_interval, cache_branch_id=args.deepcache_branch)
+        variants = fb.build_variants(args.methods, args.ratios, bound=not args.no_bound, deepcache=deepcache)
     except ValueError as e:
         fail(str(e))
     if args.compile and args.compile_backend not in (backends := torch._dynamo.list_backends(exclude_tags=())):
@@ -230,6 +239,8 @@ def run(args: argparse.Namespace, process: "PartialState", requested: "torch.dev
         reference=str(args.reference_dir) if args.reference_dir else "procedural generator", num_real=num_real,
         compile=args.compile_backend if args.compile else None,
     )
+    if any(v.uses_deepcache for v in variants):
+        setup["deepcache"] = deepcache
     try:
         state = fb.generate_all(pipeline, variants, protocol, args.out, args.batch_size, setup,
                                 bound_batches=args.bound_batches or None, progress=not args.no_progress,

@@ -254,3 +254,21 @@ def test_a_method_that_does_not_compile_runs_eagerly_and_is_reported(model_dir, 
     assert report["mode"] == "eager"
     assert all("no compiler here" in report["errors"][mode] for mode in ("fullgraph", "graph breaks")), report
     np.testing.assert_array_equal(images["broken"], images["eager"])
+
+
+def test_deepcache_rows_with_their_own_bound(model_dir, tmp_path):
+    keys = [v.key for v in fb.build_variants(["sd", "deepcache", "agentsd+deepcache"], [0.4])]
+    assert keys == ["sd", "deepcache", "agentsd+deepcache@0.4", "bound", "bound+deepcache"]
+    out = tmp_path / "run"
+    run("--model", str(model_dir), "--methods", "sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache",
+        "--num-images", "2", "--ratios", "0.4", "--steps", "6", "--batch-size", "2", "--size", "32",
+        "--deepcache-interval", "2", "--out", str(out))
+    results = json.loads((out / "results.json").read_text())
+    assert results["setup"]["deepcache"] == {"cache_interval": 2, "cache_branch_id": 0}
+    rows = {r["method"]: r for r in results["rows"]}
+    assert set(rows) == {"sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache", "bound", "bound+deepcache"}
+    images = {m: np.stack([np.asarray(Image.open(p)) for p in sorted((out / "images" / k).glob("*.png"))])
+              for m, k in (("sd", "sd"), ("deepcache", "deepcache"), ("both", "agentsd+deepcache@0.4"))}
+    assert not np.array_equal(images["deepcache"], images["sd"])  # DeepCache was on
+    assert not np.array_equal(images["both"], images["deepcache"])  # and AgentSD on top of it
+    assert rows["deepcache"]["psnr"] is not None and rows["bound+deepcache"]["num_images"] == 0
