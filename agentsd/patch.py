@@ -90,7 +90,9 @@ def _attention_levels(unet: UNet2DConditionModel) -> list[int]:
     return sorted({f for _, f in self_attention_layers(unet, 2**30).values()})
 
 
-def _transformer_blocks(unet: UNet2DConditionModel, layers: dict[str, tuple[Attention, int]]) -> dict[str, tuple[torch.nn.Module, int]]:
+def _transformer_blocks(
+    unet: UNet2DConditionModel, layers: dict[str, tuple[Attention, int]]
+) -> dict[str, tuple[torch.nn.Module, int]]:
     """The modules that own the given ``attn1`` layers (diffusers' ``BasicTransformerBlock``)."""
     blocks = {}
     for name, (attn1, factor) in layers.items():

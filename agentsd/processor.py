@@ -21,37 +21,44 @@ if TYPE_CHECKING:
 
 
 class _WrappingProcessor:
-    """A processor that wraps the one it replaces and falls back to it."""
+    """A processor that wraps the one it replaces: it runs :meth:`_run` on the block's merges when
+    they apply to this call (:meth:`_applies`), and the wrapped processor otherwise."""
 
     def __init__(self, base: Any, block: "BlockState") -> None:
         self.base = base
         self.block = block
 
-    def _base(self, attn: "Attention", hidden_states: torch.Tensor, encoder_hidden_states: Any,
-              attention_mask: Any, temb: Any, kwargs: dict) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: "Attention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         if temb is not None:  # passed on only when given: not every processor takes it
             kwargs["temb"] = temb
-        return self.base(
-            attn, hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask, **kwargs
-        )
-
-    def _merges(self, attn: "Attention", hidden_states: torch.Tensor) -> "BlockMerges | None":
         merges = self.block.merges
         if (
             merges is None
+            or not self._applies(merges, encoder_hidden_states, attention_mask)
             or hidden_states.ndim != 3
-            or hidden_states.shape[1] != self.block_tokens(merges)
+            or hidden_states.shape[1] != (merges.tokens or merges.agents).num_tokens
             or attn.spatial_norm is not None
             or attn.group_norm is not None
             or attn.residual_connection
         ):
-            return None
-        return merges
+            return self.base(attn, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                             attention_mask=attention_mask, **kwargs)
+        return self._run(attn, hidden_states, merges, encoder_hidden_states, attention_mask, kwargs)
 
-    @staticmethod
-    def block_tokens(merges: "BlockMerges") -> int:
-        merge = merges.tokens if merges.tokens is not None else merges.agents
-        return merge.num_tokens
+    def _applies(self, merges: "BlockMerges", encoder_hidden_states: Any, attention_mask: Any) -> bool:
+        raise NotImplementedError
+
+    def _run(self, attn: "Attention", hidden_states: torch.Tensor, merges: "BlockMerges",
+             encoder_hidden_states: Any, attention_mask: Any, kwargs: dict) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class AgentSDAttnProcessor(_WrappingProcessor):
@@ -63,19 +70,11 @@ class AgentSDAttnProcessor(_WrappingProcessor):
         block: the state of the transformer block this attention belongs to.
     """
 
-    def __call__(
-        self,
-        attn: "Attention",
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        merges = self._merges(attn, hidden_states)
-        if merges is None or encoder_hidden_states is not None or attention_mask is not None:
-            return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
+    def _applies(self, merges: "BlockMerges", encoder_hidden_states: Any, attention_mask: Any) -> bool:
+        return encoder_hidden_states is None and attention_mask is None
 
+    def _run(self, attn: "Attention", hidden_states: torch.Tensor, merges: "BlockMerges",
+             encoder_hidden_states: Any, attention_mask: Any, kwargs: dict) -> torch.Tensor:
         tokens = merges.tokens
         x = hidden_states if tokens is None else tokens.merge(hidden_states)
         b, m, _ = x.shape
@@ -121,18 +120,12 @@ class MergedCrossAttnProcessor(_WrappingProcessor):
         block: the state of the transformer block this attention belongs to.
     """
 
-    def __call__(
-        self,
-        attn: "Attention",
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        **kwargs: Any,
-    ) -> torch.Tensor:
-        merges = self._merges(attn, hidden_states)
-        tokens = merges.tokens if merges is not None else None
-        if tokens is None:
-            return self._base(attn, hidden_states, encoder_hidden_states, attention_mask, temb, kwargs)
-        out = self._base(attn, tokens.merge(hidden_states), encoder_hidden_states, attention_mask, temb, kwargs)
+    def _applies(self, merges: "BlockMerges", encoder_hidden_states: Any, attention_mask: Any) -> bool:
+        return merges.tokens is not None
+
+    def _run(self, attn: "Attention", hidden_states: torch.Tensor, merges: "BlockMerges",
+             encoder_hidden_states: Any, attention_mask: Any, kwargs: dict) -> torch.Tensor:
+        tokens = merges.tokens
+        out = self.base(attn, tokens.merge(hidden_states), encoder_hidden_states=encoder_hidden_states,
+                        attention_mask=attention_mask, **kwargs)
         return tokens.unmerge(out)

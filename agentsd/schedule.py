@@ -3,10 +3,10 @@
 On a pipeline the progress is the index of the current timestep among the steps of the run in
 progress, divided by their number. The steps of the run are ``scheduler.timesteps`` from the
 scheduler's begin index on or, for schedulers without one, the last ``num_steps`` of them (the
-pipeline's ``_num_timesteps``), so img2img counts only the steps it runs. This works for every scheduler and step count, with
-classifier-free guidance on or off, and does not count UNet calls. Without a scheduler, or for a
-timestep that is not in its schedule, the progress follows the timestep itself:
-``1 - t / num_train_timesteps``.
+pipeline's ``_num_timesteps``), so img2img counts only the steps it runs. This works for
+every scheduler and step count, with classifier-free guidance on or off, and does not count UNet
+calls. Without a scheduler, or for a timestep that is not in its schedule, the progress follows
+the timestep itself: ``1 - t / num_train_timesteps``.
 """
 from __future__ import annotations
 

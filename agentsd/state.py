@@ -61,7 +61,8 @@ class PatchState:
             self.latent_size = size
         pipeline = self.pipeline
         t = float(timestep.reshape(-1)[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        progress = denoising_progress(t, getattr(pipeline, "scheduler", None), getattr(pipeline, "_num_timesteps", None))
+        scheduler, num_steps = getattr(pipeline, "scheduler", None), getattr(pipeline, "_num_timesteps", None)
+        progress = denoising_progress(t, scheduler, num_steps)
         cfg = self.config
         self.phase = cfg.phase_at(progress)
         if self.step_key is None or self.step_key.device != sample.device:

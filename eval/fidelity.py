@@ -60,7 +60,9 @@ def _clip_parts(model_name_or_path: str, weights: bool) -> tuple[Any, Any]:
         model = CLIPModel.from_pretrained(path).eval() if weights else CLIPConfig.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - the loaders raise many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load --clip-model {model_name_or_path!r} as a CLIP model and processor: {first}") from None
+        raise ValueError(
+            f"cannot load --clip-model {model_name_or_path!r} as a CLIP model and processor: {first}"
+        ) from None
     return model, processor
 
 

@@ -220,7 +220,9 @@ def _malloc_trim() -> None:
         pass
 
 
-def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor], timesteps: tuple[int, ...] = (500,)) -> float:
+def time_step(
+    unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor], timesteps: tuple[int, ...] = (500,)
+) -> float:
     """Mean seconds of one UNet forward at each of ``timesteps`` (inputs positional: tomesd's hook
     reads ``args[0]``, DeepCache's ``args[1]``)."""
     sample = inputs["sample"]
@@ -274,7 +276,9 @@ def run_benchmark(
     param = next(unet.parameters())
     settings = dict(batch=batch, compile=compile, dtype=str(param.dtype), device=param.device.type)
     if raw.setdefault("settings", settings) != settings:
-        raise SettingsMismatch(f"{raw_path} holds samples taken with {raw['settings']}, not {settings}; use another --out or --fresh")
+        raise SettingsMismatch(
+            f"{raw_path} holds samples taken with {raw['settings']}, not {settings}; use another --out or --fresh"
+        )
     fullgraph: dict[str, bool] = {}
 
     def enter(method: Method) -> None:
@@ -335,7 +339,9 @@ def run_benchmark(
     return raw
 
 
-def saving_share(t_base: float | None, t: float | None, t_bound: float | None, min_saving: float = 0.02) -> float | None:
+def saving_share(
+    t_base: float | None, t: float | None, t_bound: float | None, min_saving: float = 0.02
+) -> float | None:
     """``(t_base - t) / (t_base - t_bound)``: the share of the possible saving reached. None when a
     time is missing or the bound saves less than ``min_saving`` of ``t_base``: then there is
     nothing to share, and the ratio would only magnify noise."""

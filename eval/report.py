@@ -37,7 +37,8 @@ def markdown_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
         share = None if r["saving_share"] is None else 100 * r["saving_share"]
         cells = [
             r["method"], _fmt(r["ratio"], "g"), _fmt(r["fid"], ".2f"),
-            *(_fmt(None if r.get(key) is None else scale * r[key], spec, unit) for key, _, spec, scale, unit in optional),
+            *(_fmt(None if r.get(key) is None else scale * r[key], spec, unit)
+              for key, _, spec, scale, unit in optional),
             _fmt(r["seconds_per_image"], ".4f"), _fmt(r["speedup"], ".2f", "x"), _fmt(share, ".0f", " %"),
             _fmt(r["images_per_second"], ".2f"), _fmt(r["peak_memory_mb"], ".0f"),
             *([r.get("compile_mode", "–"), _fmt(r.get("compile_seconds"), ".1f"), _fmt(r.get("graph_breaks"), "d")]

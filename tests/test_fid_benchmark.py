@@ -266,7 +266,8 @@ def test_deepcache_rows_with_their_own_bound(model_dir, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["setup"]["deepcache"] == {"cache_interval": 2, "cache_branch_id": 0}
     rows = {r["method"]: r for r in results["rows"]}
-    assert set(rows) == {"sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache", "bound", "bound+deepcache"}
+    assert set(rows) == {"sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache", "bound",
+                         "bound+deepcache"}
     images = {m: np.stack([np.asarray(Image.open(p)) for p in sorted((out / "images" / k).glob("*.png"))])
               for m, k in (("sd", "sd"), ("deepcache", "deepcache"), ("both", "agentsd+deepcache@0.4"))}
     assert not np.array_equal(images["deepcache"], images["sd"])  # DeepCache was on

@@ -77,7 +77,8 @@ def test_two_processes_write_what_one_process_writes_and_resume(model_dir, tmp_p
     harness(one, model_dir, 1, "--skip-metrics")
     assert images(one) == first, "one process writes the images of two, bit for bit"
 
-    state, shard_files = (two / "state.json").read_text(), [(two / f"timings/process-{r}.json").read_text() for r in (0, 1)]
+    state = (two / "state.json").read_text()
+    shard_files = [(two / f"timings/process-{r}.json").read_text() for r in (0, 1)]
     before = mtimes(two)
     harness(two, model_dir, 2)
     assert mtimes(two) == before, "a finished run regenerates nothing"

@@ -70,7 +70,8 @@ def test_deepcache_rows_time_a_cache_cycle_against_their_own_baseline_and_bound(
     assert [m.key for m in methods] == ["sdpa", "deepcache", "agentsd-agent+deepcache@0.4", "bound+deepcache"]
     assert methods[1].timesteps == (981, 961) and methods[2].baseline == "deepcache"
     forwards = {name: m.forward for name, m in unet.named_modules()}
-    raw = run_benchmark(unet, [128], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json", progress=lambda s: None)
+    raw = run_benchmark(unet, [128], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json",
+                        progress=lambda s: None)
     rows = {r["method"]: r for r in summarize(raw, methods, [128])}
     assert rows["agentsd-agent+deepcache"]["bound"] == "bound+deepcache"
     # DeepCache and the patch are off again: every module runs its own forward
