@@ -175,7 +175,6 @@ def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig
 
 
 def _wrap_processor(attn: Attention, processor: _WrappingProcessor) -> None:
-    # set_processor registers a processor that is an nn.Module as a child; remember the order
     processor.module_order = list(attn._modules)
     attn.set_processor(processor)
 

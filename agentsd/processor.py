@@ -27,6 +27,9 @@ class _WrappingProcessor:
     def __init__(self, base: Any, block: "BlockState") -> None:
         self.base = base
         self.block = block
+        #: the attention module's children before patching (a processor that is an nn.Module
+        #: becomes a child; removal puts it back in its place)
+        self.module_order: list[str] = []
 
     def __call__(
         self,
