@@ -50,18 +50,18 @@ def markdown_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
 
 
 def _plot_against_time(ax: Any, rows: list[dict[str, Any]], key: str, ylabel: str) -> None:
-    """``key`` against seconds per image on ``ax``, one curve per method, points labelled with
-    the ratio; the bound (and ``sd`` where it has no value) as vertical lines."""
+    """``key`` against seconds per image on ``ax``, one curve per method (the same colour in every
+    plot), points labelled with the ratio; the bound (and ``sd`` where it has no value) as vertical lines."""
     markers = (("sd", "*"), ("tomesd", "s"), ("agentsd", "o"), ("deepcache", "P"), ("tomesd+deepcache", "D"),
                ("agentsd+deepcache", "X"))
-    for method, marker in markers:
+    for color, (method, marker) in enumerate(markers):
         pts = sorted(((r["seconds_per_image"], r[key], r["ratio"]) for r in rows if r["method"] == method
                       and r.get(key) is not None and np.isfinite(r[key]) and r["seconds_per_image"] is not None),
                      key=lambda p: p[2] or 0)
         if not pts:
             continue
         xs, ys, ratios = zip(*pts)
-        ax.plot(xs, ys, marker=marker, markersize=10 if method == "sd" else 6, label=method)
+        ax.plot(xs, ys, marker=marker, markersize=10 if method == "sd" else 6, color=f"C{color}", label=method)
         for x, y, ratio in pts:
             if ratio is not None:
                 ax.annotate(f"{ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -260,8 +260,9 @@ def run(args: argparse.Namespace, process: "PartialState", requested: "torch.dev
         fail(str(e))
     setup = {**setup, **state.data["generated_with"]}
     report.write_results(rows, setup, args.out)
+    procs = setup["num_processes"]
     title = (f"{setup['model']}, {protocol.name}: {len(protocol.prompts)} images, {protocol.num_inference_steps} "
-             f"steps, {dtype_name}, {setup['machine']}, {setup['num_processes']} process(es)")
+             f"steps, {dtype_name}, {setup['machine']}, {procs} process{'es' if procs > 1 else ''}")
     report.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=title)
     report.plot_fidelity_vs_time(rows, args.out / "fidelity_vs_time.png", title=title)
     store = fb.ImageStore(args.out / "images")
