@@ -5,7 +5,7 @@ is trained on generator ground truth with noise, blur and colour augmentation, s
 reads the imperfect images a diffusion model makes. :func:`score_adherence` compares its
 predictions with the attributes parsed from the prompts.
 
-The shipped weights live in ``agentsd/reference_model/attribute_classifier.safetensors`` with a
+The shipped weights live in ``eval/reference_model/attribute_classifier.safetensors`` with a
 JSON config beside it; ``scripts/train_attribute_classifier.py`` regenerates them.
 """
 
@@ -31,10 +31,10 @@ CONFIG_FILE = "attribute_classifier.json"
 
 def reference_model_dir() -> Path:
     """Folder of the embedded reference model and its attribute classifier
-    (:data:`agentsd.REFERENCE_MODEL`)."""
-    import agentsd
+    (:data:`eval.REFERENCE_MODEL`)."""
+    from eval import REFERENCE_MODEL
 
-    return agentsd.REFERENCE_MODEL
+    return REFERENCE_MODEL
 
 
 class AttributeClassifier(nn.Module):

@@ -43,6 +43,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import agentsd  # noqa: E402
+from eval import REFERENCE_MODEL  # noqa: E402
 from agentsd.dreambooth import DreamBoothSettings, load_pipeline, train_dreambooth  # noqa: E402
 from eval import shapes  # noqa: E402
 from eval.adherence import generate, score_adherence  # noqa: E402
@@ -69,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``--quick`` changes the defaults of the sizes to a smoke-test preset)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="results folder (a rerun resumes from it)")
-    p.add_argument("--base", default=str(agentsd.REFERENCE_MODEL), help="base pipeline folder")
+    p.add_argument("--base", default=str(REFERENCE_MODEL), help="base pipeline folder")
     p.add_argument("--quick", action="store_true", help=f"smoke-test sizes (options given still apply): {QUICK}")
     p.add_argument("--steps", type=int, default=400, help="finetuning steps")
     p.add_argument("--learning-rate", type=float, default=1e-4)

@@ -30,11 +30,11 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    import agentsd
+    from eval import REFERENCE_MODEL
     from eval.latency import SD15_UNET_CONFIG
 
     torch.manual_seed(args.seed)
-    tokenizer = CLIPTokenizer.from_pretrained(agentsd.REFERENCE_MODEL, subfolder="tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(REFERENCE_MODEL, subfolder="tokenizer")
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
         num_attention_heads=12, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     pipe = StableDiffusionPipeline(
         unet=UNet2DConditionModel(**SD15_UNET_CONFIG), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-        scheduler=PNDMScheduler.from_pretrained(agentsd.REFERENCE_MODEL, subfolder="scheduler"),
+        scheduler=PNDMScheduler.from_pretrained(REFERENCE_MODEL, subfolder="scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(args.out)

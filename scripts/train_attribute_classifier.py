@@ -6,7 +6,7 @@ Example (about 1-2 minutes on one CPU thread)::
     python scripts/train_attribute_classifier.py --threads 1
 
 Writes ``attribute_classifier.safetensors`` and ``attribute_classifier.json`` into ``--out``
-(default ``agentsd/reference_model``) and prints its accuracy on fresh generator images.
+(default ``eval/reference_model``) and prints its accuracy on fresh generator images.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import agentsd  # noqa: E402
+from eval import REFERENCE_MODEL  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(agentsd.REFERENCE_MODEL), help="output folder")
+    p.add_argument("--out", default=str(REFERENCE_MODEL), help="output folder")
     p.add_argument("--n-train", type=int, default=20000, help="generated training images")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)

@@ -37,6 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import agentsd  # noqa: E402
+from eval import REFERENCE_MODEL  # noqa: E402
 
 from agentsd.dreambooth import DreamBoothSettings, train_dreambooth  # noqa: E402
 
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DreamBoothSettings, str |
     d = DreamBoothSettings.__dataclass_fields__
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--pretrained", default=str(agentsd.REFERENCE_MODEL),
+    g.add_argument("--pretrained", default=str(REFERENCE_MODEL),
                    help="base pipeline folder or hub id (default: the embedded reference model)")
     g.add_argument("--instance-dir", required=True, help="folder of the subject's images")
     g.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')

@@ -45,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import agentsd  # noqa: E402
+from eval import REFERENCE_MODEL  # noqa: E402
 from agentsd.dreambooth import unsafe_file_error  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -91,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=str(agentsd.REFERENCE_MODEL),
-                   help="pipeline folder (default: agentsd/reference_model)")
+    g.add_argument("--out", default=str(REFERENCE_MODEL),
+                   help="pipeline folder (default: eval/reference_model)")
     g.add_argument("--ckpt-dir", default=None,
                    help="checkpoint folder (default: <out>/../reference_model_ckpt)")
     g.add_argument("--seed", type=int, default=0)
@@ -643,7 +644,7 @@ def write_model_card(trainer: Trainer, metrics: dict[str, Any] | None) -> None:
         "# agentsd reference model",
         "",
         "A small text-to-image Stable Diffusion pipeline (diffusers layout, "
-        "`StableDiffusionPipeline.from_pretrained(\"agentsd/reference_model\")` loads it offline) trained "
+        "`StableDiffusionPipeline.from_pretrained(\"eval/reference_model\")` loads it offline) trained "
         "from scratch on CPU on procedural captioned shapes, so that agentsd's tests and benchmarks can "
         "measure prompt adherence without downloading weights. It is not a general image model.",
         "",

@@ -23,11 +23,8 @@ def compiled_stats():
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
+def _fresh(fresh_dynamo):
     yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("mode", ["regional", "whole"])

@@ -25,7 +25,7 @@ from agentsd.dreambooth import (
     missing_class_images,
     train_dreambooth,
 )
-from eval import shapes
+from eval import REFERENCE_MODEL, shapes
 from scripts.benchmark_dreambooth import BOUND, CONFIGS
 from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
@@ -36,16 +36,7 @@ PROMPT = "a white sks on a black background"
 @pytest.fixture(scope="module")
 def base_model() -> str:
     """The pipeline the tests finetune (64 px, 16 x 16 latents)."""
-    return str(agentsd.REFERENCE_MODEL)
-
-
-@pytest.fixture(scope="module")
-def instance_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Three white stars on black: a shape the reference model never saw."""
-    folder = tmp_path_factory.mktemp("stars")
-    for i in range(3):
-        shapes.render_novel("star", "white", "black", rng=np.random.default_rng(i)).save(folder / f"star{i}.png")
-    return folder
+    return str(REFERENCE_MODEL)
 
 
 def settings(base: str, instance: Path, out: Path, **kwargs) -> DreamBoothSettings:

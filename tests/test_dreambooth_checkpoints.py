@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import agentsd
+from eval import REFERENCE_MODEL
 import agentsd.dreambooth as dreambooth
 from agentsd.dreambooth import CHECKPOINT_FILE, DreamBoothSettings, checkpoint_dirs, train_dreambooth
 from dreambooth_driver import unet_digest
@@ -49,7 +50,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> DreamBoothSettings:
     instance = tmp_path_factory.mktemp("stars")
     shapes.render_novel("star", "white", "black", rng=np.random.default_rng(0)).save(instance / "star.png")
     s = DreamBoothSettings(
-        pretrained=str(agentsd.REFERENCE_MODEL), instance_dir=str(instance), instance_prompt=PROMPT,
+        pretrained=str(REFERENCE_MODEL), instance_dir=str(instance), instance_prompt=PROMPT,
         output_dir=str(tmp_path_factory.mktemp("run")), resolution=64, max_train_steps=2, learning_rate=1e-4,
         checkpointing_steps=2, progress=False,
     )

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import agentsd
+from eval import REFERENCE_MODEL
 from agentsd.dreambooth import CHECKPOINT_FILE, checkpoint_dirs, load_pipeline
 from dreambooth_driver import unet_digest
 from eval import shapes
@@ -70,7 +71,7 @@ def test_two_processes_hold_the_same_weights_and_resume(instance_dir: Path, tmp_
     )
     assert digests[0] == digests[1]  # data-parallel: both processes end with the same weights
     assert digests[0] == unet_digest(load_pipeline(str(whole)).unet)  # the saved model is that one
-    assert digests[0] != unet_digest(load_pipeline(str(agentsd.REFERENCE_MODEL)).unet)
+    assert digests[0] != unet_digest(load_pipeline(str(REFERENCE_MODEL)).unet)
     assert sorted(p.name for p in (tmp_path / "class").glob("*.png")) == [f"class_{i:05d}.png" for i in range(3)]
     assert sorted(p.name for p in (whole / "validation").iterdir()) == ["step-000004-0.png"]
     assert [p.name for p in checkpoint_dirs(whole)] == ["step-000002", "step-000004"]

@@ -18,13 +18,6 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_fid.py"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sd")
-    tiny.sd_pipeline().save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
     return fid_helpers.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
@@ -206,14 +199,6 @@ def test_variants_validate_methods_and_ratios():
         fb.build_variants(["fast"], [0.4])
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         fb.build_variants(["agentsd"], [-0.1])
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 def test_compiled_run_reports_compile_time_apart_and_agentsd_traces_as_one_graph(model_dir, tmp_path, fresh_dynamo):

@@ -22,13 +22,6 @@ LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny_sd")
-    tiny.sd_pipeline().save_pretrained(path)
-    return path
-
-
 def harness(out: Path, model: Path, processes: int, *extra: str) -> subprocess.CompletedProcess:
     """Run the harness (5 images in batches of 2: process 0 gets images 0-1 and 4, process 1
     images 2-3) and fail the test on an error."""
