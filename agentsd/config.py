@@ -7,10 +7,31 @@ import json
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 #: Name of the JSON file that :func:`save_config` writes (e.g. beside LoRA weights).
 CONFIG_FILE = "agentsd_config.json"
+#: How a phase reduces the tokens: ``"merge"`` (ToMe matching, the official algorithm) or
+#: ``"pool"`` (no matching: agents and keys/values pooled from fixed cells of the token grid).
+Reduction = Literal["merge", "pool"]
+#: How ``"pool"`` turns a cell of tokens into one token: its mean, or its top-left token.
+PoolMode = Literal["mean", "nearest"]
+REDUCTIONS = ("merge", "pool")
+POOL_MODES = ("mean", "nearest")
+
+
+class _Unset:
+    """The default of :func:`agentsd.apply_patch`'s settings: not given (so ``None`` can be given)."""
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+#: A setting that was not given.
+UNSET: Any = _Unset()
 
 
 @dataclass(frozen=True)
@@ -18,20 +39,27 @@ class Phase:
     """How the patched self-attention runs during one phase of the denoising.
 
     Attributes:
-        sx, sy: size of the cells from which one dst token is drawn.
-        ratio: share of all tokens merged away before attention.
-        agent_ratio: share of all tokens merged away to form the agents, or ``None`` for
-            plain attention over the merged tokens (ToMe).
+        sx, sy: size of the cells from which one dst token is drawn (``"merge"``) or one agent is
+            pooled (``"pool"``).
+        ratio: ``"merge"``: share of all tokens merged away before attention; ``"pool"``: share of
+            the keys and values pooled away (the queries keep every token).
+        agent_ratio: ``"merge"``: share of all tokens merged away to form the agents. ``None``
+            for plain attention without agents (ToMe, or ToDo-like with ``"pool"``). With
+            ``"pool"`` any value means one agent per cell.
+        reduction: ``"merge"`` or ``"pool"``.
+        pool_mode: ``"mean"`` or ``"nearest"``, how ``"pool"`` makes one token of a cell.
     """
 
     sx: int
     sy: int
     ratio: float
     agent_ratio: float | None
+    reduction: Reduction = "merge"
+    pool_mode: PoolMode = "mean"
 
     @property
     def is_identity(self) -> bool:
-        """True when the phase neither merges nor uses agents (plain attention)."""
+        """True when the phase neither reduces tokens nor uses agents (plain attention)."""
         return self.ratio == 0 and self.agent_ratio is None
 
 
@@ -49,6 +77,13 @@ class AgentSDConfig:
     ``use_rand=False`` takes the top-left token of every cell as its dst (so does an odd batch,
     as in the official code). ``merge_crossattn`` and ``merge_mlp`` run the cross-attention and
     the feed-forward of the patched blocks on the merged tokens too.
+
+    ``reduction="pool"`` replaces the token matching: the agents are the ``pool_mode`` of every
+    ``sx x sy`` cell of the attention input (``agent_ratio`` is then unused), the keys and values
+    come from the input pooled to ``1 - ratio`` of the tokens, and the queries keep every token,
+    so nothing is unmerged. ``tome_reduction`` is the late phase's reduction (``None``: the same
+    as ``reduction``); a ``"pool"`` late phase is plain attention on pooled keys and values
+    (ToDo-like) with ``tome_ratio``.
     """
 
     ratio: float = 0.4
@@ -67,6 +102,9 @@ class AgentSDConfig:
     use_rand: bool = True
     merge_crossattn: bool = False
     merge_mlp: bool = False
+    reduction: Reduction = "merge"
+    tome_reduction: Reduction | None = None
+    pool_mode: PoolMode = "mean"
 
     def __post_init__(self) -> None:
         _check_range("ratio", self.ratio, 0.0, 1.0, low_open=False)
@@ -90,18 +128,27 @@ class AgentSDConfig:
         for name in ("use_rand", "merge_crossattn", "merge_mlp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        _check_choice("reduction", self.reduction, REDUCTIONS)
+        _check_choice("tome_reduction", self.tome_reduction, (None, *REDUCTIONS))
+        _check_choice("pool_mode", self.pool_mode, POOL_MODES)
+        merges = {self.agent_phase.reduction, self.tome_phase.reduction} & {"merge"}
+        for name in ("merge_crossattn", "merge_mlp"):
+            if getattr(self, name) and not merges:
+                raise ValueError(f"{name} needs merged tokens, and with reduction='pool' and "
+                                 "tome_reduction='pool' no phase merges; set reduction or tome_reduction to 'merge'")
 
     # cached: the same Phase object every step, so compiled code does not see a new one
     @functools.cached_property
     def agent_phase(self) -> Phase:
         """The early phase: agent attention on merged tokens."""
-        return Phase(self.sx, self.sy, self.ratio, self.agent_ratio)
+        return Phase(self.sx, self.sy, self.ratio, self.agent_ratio, self.reduction, self.pool_mode)
 
     @functools.cached_property
     def tome_phase(self) -> Phase:
-        """The late phase: ToMe, plain attention on merged tokens."""
+        """The late phase: plain attention on merged tokens (ToMe) or on pooled keys and values."""
         ratio = self.ratio if self.tome_ratio is None else self.tome_ratio
-        return Phase(self.tome_sx, self.tome_sy, ratio, None)
+        reduction = self.reduction if self.tome_reduction is None else self.tome_reduction
+        return Phase(self.tome_sx, self.tome_sy, ratio, None, reduction, self.pool_mode)
 
     def phase_at(self, progress: float) -> Phase:
         """The phase at ``progress`` in [0, 1], the share of the denoising already done.
@@ -160,6 +207,11 @@ def load_config(path: str | Path) -> AgentSDConfig:
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object of AgentSD settings")
     return AgentSDConfig.from_dict(data)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -1,9 +1,10 @@
 """The hooks of an AgentSD patch: where each UNet call and each patched block begins.
 
-- :class:`StepHook`, a forward pre-hook on the UNet, records the latent size, selects the phase
-  and writes the step's random key. It is the one host-side decision per UNet call, so it runs
-  eagerly (``torch.compiler.disable``): a whole-UNet ``torch.compile`` breaks its graph here and
-  nowhere else.
+- :class:`StepHook`, a forward pre-hook on the UNet, puts the AgentSD processors back on top of
+  any processor set since the last call, records the latent size, selects the phase and writes the
+  step's random key. It is the one host-side decision per UNet call, so it runs eagerly
+  (``torch.compiler.disable``), outside any compiled region. :class:`ReportHook`, a forward hook on
+  the UNet, logs why patched blocks did not reduce tokens where they should have.
 - :class:`MatchHook`, a forward pre-hook on each patched ``BasicTransformerBlock``, matches the
   tokens on the block input, before ``norm1``, as the official code does, and leaves the merges
   in the block's :class:`~agentsd.state.BlockState` for its layers. :class:`ReleaseHook` drops
@@ -21,20 +22,37 @@ from typing import Any
 import torch
 
 from .merge import bipartite_merges, cell_dst
+from .pool import cell_pool, share_pool
+from .processor import wrap
 from .state import BlockMerges, BlockState, PatchState
 
 
 class StepHook:
-    """UNet forward pre-hook: :meth:`PatchState.start_step` for every UNet call."""
+    """UNet forward pre-hook: the processors, then :meth:`PatchState.start_step`, every UNet call."""
 
     def __init__(self, state: PatchState) -> None:
         self.state = state
 
     @torch.compiler.disable
     def __call__(self, unet: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        for block in self.state.blocks:  # a processor set since (slicing, fusing, ...) becomes the base
+            for attn, cls in block.layers:
+                wrap(attn, cls, block)
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.state.start_step(sample, timestep)
+
+
+class ReportHook:
+    """UNet forward hook: :meth:`PatchState.report` after every UNet call."""
+
+    def __init__(self, state: PatchState) -> None:
+        self.state = state
+
+    @torch.compiler.disable
+    def __call__(self, unet: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self.state.pending:
+            self.state.report()
 
 
 class MatchHook:
@@ -47,16 +65,35 @@ class MatchHook:
         block = self.block
         block.merges = None
         phase = block.state.phase
+        if phase is None or phase.is_identity:
+            return
         x = args[0] if args else kwargs.get("hidden_states")
         grid = block.grid(x) if isinstance(x, torch.Tensor) else None
-        if phase is None or phase.is_identity or grid is None:
+        if grid is None:
+            size = block.state.latent_size
+            block.state.note_fallback(
+                f"{block.name}: its {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__} "
+                f"input is not the token grid of a {size[0]}x{size[1]} latent at downsampling {block.downsample}"
+            )
             return
         (h, w), n = grid, x.shape[1]
+        if phase.reduction == "pool":
+            agents = None
+            if phase.agent_ratio is not None:
+                agents = cell_pool(h, w, phase.sx, phase.sy, phase.pool_mode)
+                if 2 * agents.num_slots >= n:  # the official rule: agents only when they pay
+                    agents = None
+            kv = share_pool(h, w, phase.ratio, phase.pool_mode)
+            if agents is not None or kv is not None:
+                block.merges = BlockMerges(tokens=None, agents=agents, kv=kv)
+            return
         # one dst pattern for the whole batch; an odd batch cannot hold both CFG halves, so it
         # takes the top-left token of each cell, as the official code does
         random = block.state.config.use_rand and x.shape[0] % 2 == 0
         dst, src = cell_dst(h, w, phase.sx, phase.sy, block.key() if random else None, x.device)
         if dst.numel() == 0:  # grid smaller than one cell: nothing to merge into
+            block.state.note_fallback(f"{block.name}: its {h}x{w} token grid is smaller than one "
+                                      f"{phase.sx}x{phase.sy} cell")
             return
         r = min(int(n * phase.ratio), src.numel())
         removed = [r]
@@ -109,4 +146,4 @@ class FeedForwardUnmergeHook:
         return tokens.unmerge(output)
 
 
-HOOK_TYPES = (StepHook, MatchHook, ReleaseHook, FeedForwardMergeHook, FeedForwardUnmergeHook)
+HOOK_TYPES = (StepHook, ReportHook, MatchHook, ReleaseHook, FeedForwardMergeHook, FeedForwardUnmergeHook)

@@ -18,17 +18,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
-from typing import Any
+import functools
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, ContextManager, NoReturn, ParamSpec
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 
-from .config import AgentSDConfig
-from .hooks import HOOK_TYPES, FeedForwardMergeHook, FeedForwardUnmergeHook, MatchHook, ReleaseHook, StepHook
-from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, _WrappingProcessor
+from .config import UNSET, AgentSDConfig, PoolMode, Reduction
+from .hooks import (
+    HOOK_TYPES, FeedForwardMergeHook, FeedForwardUnmergeHook, MatchHook, ReleaseHook, ReportHook, StepHook,
+)
+from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, _WrappingProcessor, restore, unwrap, wrap
 from .state import BlockState, PatchState
+
+logger = logging.getLogger(__name__)
+P = ParamSpec("P")
 
 _STATE_ATTR = "_agentsd_state"
 #: Private key of the UNet config (saved in its ``config.json``) that holds stored settings.
@@ -106,46 +113,90 @@ def _transformer_blocks(
     return blocks
 
 
-def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig | None = None, **settings: Any) -> Any:
+def apply_patch(
+    model: Any,
+    ratio: float = UNSET,
+    *,
+    config: AgentSDConfig | None = None,
+    agent_ratio: float = UNSET,
+    sx: int = UNSET,
+    sy: int = UNSET,
+    agent_fraction: float = UNSET,
+    reduction: Reduction = UNSET,
+    pool_mode: PoolMode = UNSET,
+    tome_ratio: float | None = UNSET,
+    tome_sx: int = UNSET,
+    tome_sy: int = UNSET,
+    tome_reduction: Reduction | None = UNSET,
+    k_scale2: float = UNSET,
+    k_shortcut: float = UNSET,
+    max_downsample: int | None = UNSET,
+    attn_precision: str | None = UNSET,
+    seed: int = UNSET,
+    use_rand: bool = UNSET,
+    merge_crossattn: bool = UNSET,
+    merge_mlp: bool = UNSET,
+    **unknown: NoReturn,
+) -> Any:
     """Turn a diffusers pipeline or UNet into AgentSD.
 
-    The settings are, from the highest priority down: the keywords given, ``config``, the
-    settings stored with the model (:func:`store_config`, e.g. by ``scripts/train_dreambooth.py``:
-    they are saved in the UNet's ``config.json``, so a pipeline reloaded with ``from_pretrained``
-    carries them), and the defaults of :class:`~agentsd.config.AgentSDConfig` (ratio 0.4, the
-    official two-phase recipe). So ``apply_patch(pipe)`` on a model finetuned with AgentSD runs it
-    as it was trained, and on any other model runs the defaults.
+    Every setting is taken, from the highest priority down, from: the keyword given here,
+    ``config``, the settings stored with the model (:func:`store_config`, e.g. by
+    ``scripts/train_dreambooth.py``: they are saved in the UNet's ``config.json``, so a pipeline
+    reloaded with ``from_pretrained`` carries them), and the defaults of
+    :class:`~agentsd.config.AgentSDConfig` (the official two-phase recipe). So
+    ``apply_patch(pipe)`` on a model finetuned with AgentSD runs it as it was trained, and on any
+    other model runs the defaults.
 
     Args:
         model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet; either
             may be wrapped by ``torch.compile``, and ``compile_repeated_blocks`` may have been
             called before or after.
-        ratio: share of the tokens merged away before attention, in [0, 1).
+        ratio: share of the tokens merged away before attention (with ``reduction="pool"``: share
+            of the keys and values pooled away), in [0, 1); default 0.4.
         config: settings to start from instead of the stored ones or the defaults, e.g.
             ``agentsd.load_config(lora_folder)`` for LoRA weights trained with AgentSD.
-        **settings: any other field of :class:`~agentsd.config.AgentSDConfig`: ``agent_ratio``,
-            ``sx``, ``sy``, ``agent_fraction``, ``tome_ratio``, ``tome_sx``, ``tome_sy``,
-            ``k_scale2``, ``k_shortcut``, ``max_downsample`` (default: the highest-resolution level
-            with self-attention, 1 for SD 1.x/2.x and 2 for SDXL), ``attn_precision`` ("fp32" for
-            SD 2.1 in fp16), ``seed``, ``use_rand``, ``merge_crossattn`` and ``merge_mlp``.
+        agent_ratio: share of the tokens merged away to form the agents, in (0, 1); default 0.95
+            (with 4x4 cells: one agent per cell). Unused with ``reduction="pool"``.
+        sx: cell width of the agent phase (one dst token, or one pooled agent, per cell); default 4.
+        sy: cell height of the agent phase; default 4.
+        agent_fraction: share of the denoising steps that run the agent phase, in [0, 1]; the rest
+            run the late (ToMe) phase; 1 means every step; default 0.4.
+        reduction: ``"merge"`` (the official token matching, default) or ``"pool"`` (no matching:
+            agents pooled per cell, keys and values pooled, every query kept).
+        pool_mode: how ``"pool"`` makes one token of a cell: ``"mean"`` (default) or ``"nearest"``.
+        tome_ratio: ``ratio`` of the late phase; default None (the same as ``ratio``).
+        tome_sx: cell width of the late phase; default 2.
+        tome_sy: cell height of the late phase; default 2.
+        tome_reduction: ``reduction`` of the late phase; default None (the same as ``reduction``).
+            ``"pool"`` makes the late phase plain attention on pooled keys and values (ToDo-like).
+        k_scale2: the broadcast softmax scale is ``scale ** k_scale2``, > 0; default 0.3.
+        k_shortcut: weight of the value shortcut ``k_shortcut * V``; default 0.075.
+        max_downsample: patch the levels with at most this downsampling (1, 2, 4 or 8); default None:
+            the highest-resolution level with self-attention (1 for SD 1.x/2.x, 2 for SDXL).
+        attn_precision: ``"fp32"`` runs the attention in fp32 (SD 2.1 in fp16); default None.
+        seed: seed of the random dst choice (the same seed and timestep give the same merges); default 0.
+        use_rand: draw the dst token of every cell at random (False: its top-left token); default True.
+        merge_crossattn: run the cross-attention of the patched blocks on the merged tokens too; default False.
+        merge_mlp: run the feed-forward of the patched blocks on the merged tokens too; default False.
 
     Returns:
         ``model``, patched. A patch already there is replaced. If anything is wrong with the
         arguments, an error is raised and ``model`` is left untouched.
+
+    Raises:
+        TypeError: for a keyword that is not a setting (the message lists the valid ones), a
+            setting of the wrong type, or a model that is not supported.
+        ValueError: for a setting out of its range, or a level without self-attention.
     """
-    unet, pipeline = _unet_of(model)
-    unknown = sorted(set(settings) - set(AgentSDConfig.__dataclass_fields__))
     if unknown:
-        raise TypeError(
-            f"apply_patch() got unknown keyword(s) {unknown}; "
-            f"valid: {sorted(AgentSDConfig.__dataclass_fields__)}"
-        )
+        raise TypeError(f"apply_patch() got unknown keyword(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
+    given = {k: v for k, v in locals().items() if k in SETTINGS and v is not UNSET}
+    unet, pipeline = _unet_of(model)
     if config is not None and not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
-    if ratio is not None:
-        settings["ratio"] = ratio
     base = config or stored_config(unet) or AgentSDConfig()
-    config = dataclasses.replace(base, **settings)
+    config = dataclasses.replace(base, **given)
     layers = self_attention_layers(unet, config.max_downsample)
     if not layers:
         levels = _attention_levels(unet)
@@ -159,28 +210,34 @@ def apply_patch(model: Any, ratio: float | None = None, *, config: AgentSDConfig
 
     state = PatchState(config, pipeline)
     for name, (block, factor) in blocks.items():
-        block_state = BlockState(state, len(state.blocks), factor)
+        block_state = BlockState(state, len(state.blocks), factor, name)
         state.blocks.append(block_state)
         block.register_forward_pre_hook(MatchHook(block_state), with_kwargs=True)
         block.register_forward_hook(ReleaseHook(block_state), always_call=True)
-        _wrap_processor(block.attn1, AgentSDAttnProcessor(block.attn1.processor, block_state))
+        block_state.layers.append((block.attn1, AgentSDAttnProcessor))
         if config.merge_crossattn and getattr(block, "attn2", None) is not None:
-            _wrap_processor(block.attn2, MergedCrossAttnProcessor(block.attn2.processor, block_state))
+            block_state.layers.append((block.attn2, MergedCrossAttnProcessor))
+        for attn, cls in block_state.layers:
+            wrap(attn, cls, block_state)
         if config.merge_mlp and getattr(block, "ff", None) is not None:
             block.ff.register_forward_pre_hook(FeedForwardMergeHook(block_state))
             block.ff.register_forward_hook(FeedForwardUnmergeHook(block_state))
     unet.register_forward_pre_hook(StepHook(state), with_kwargs=True)
+    unet.register_forward_hook(ReportHook(state), always_call=True)
     setattr(unet, _STATE_ATTR, state)
+    logger.info("AgentSD on %d transformer blocks at downsampling %s (%s): %s", len(blocks),
+                sorted({f for _, f in blocks.values()}), ", ".join(blocks), config)
     return model
 
 
-def _wrap_processor(attn: Attention, processor: _WrappingProcessor) -> None:
-    processor.module_order = list(attn._modules)
-    attn.set_processor(processor)
+#: The settings of :func:`apply_patch`: the fields of :class:`~agentsd.config.AgentSDConfig`.
+SETTINGS = tuple(AgentSDConfig.__dataclass_fields__)
 
 
 def remove_patch(model: Any) -> Any:
-    """Undo :func:`apply_patch`: the original processor objects come back and the hooks go.
+    """Undo :func:`apply_patch`: the hooks go, and each patched attention gets back the processor
+    under AgentSD's wrapper: the one it had before patching, or the one set on it since (by
+    ``set_attn_processor``, attention slicing, ...). The modules are then exactly as they were.
 
     Does nothing on a model that is not patched. Returns ``model``.
     """
@@ -195,12 +252,12 @@ def remove_patch(model: Any) -> Any:
                     del hooks[key]
                     for other in _HOOK_DICTS:  # the with_kwargs / always_call flags of that hook
                         module.__dict__.get(other, {}).pop(key, None)
-        processor = getattr(module, "processor", None)
-        if isinstance(module, Attention) and isinstance(processor, _WrappingProcessor):
-            module.set_processor(processor.base)
-            order = processor.module_order
-            if list(module._modules) != order:  # a processor that is an nn.Module comes back in place
-                module._modules = type(module._modules)((key, module._modules[key]) for key in order)
+        if isinstance(module, Attention):
+            restore(module)
+    # processors diffusers keeps to put back later (fuse_qkv_projections / unfuse_qkv_projections)
+    saved = getattr(unet, "original_attn_processors", None)
+    if isinstance(saved, dict):
+        unet.original_attn_processors = {name: unwrap(p) for name, p in saved.items()}
     return model
 
 
@@ -237,16 +294,21 @@ def patch_config(model: Any) -> AgentSDConfig | None:
     return state.config if state is not None else None
 
 
-@contextlib.contextmanager
-def patched(
-    model: Any, ratio: float | None = None, *, config: AgentSDConfig | None = None, **settings: Any
-) -> Iterator[Any]:
-    """Context manager form: ``with agentsd.patched(pipe, ratio=0.4): pipe(...)``.
+def _as_context(patch: Callable[P, Any]) -> Callable[P, ContextManager[Any]]:
+    @contextlib.contextmanager
+    def patched(*args: P.args, **kwargs: P.kwargs) -> Iterator[Any]:
+        model = patch(*args, **kwargs)
+        try:
+            yield model
+        finally:
+            remove_patch(model)
 
-    Takes the arguments of :func:`apply_patch`. Restores the model on exit, also after an error.
-    """
-    apply_patch(model, ratio, config=config, **settings)
-    try:
-        yield model
-    finally:
-        remove_patch(model)
+    patched.__wrapped__ = patch  # type: ignore[attr-defined]  # help() shows apply_patch's keywords
+    return patched
+
+
+patched = _as_context(apply_patch)
+patched.__doc__ = """Context manager form: ``with agentsd.patched(pipe, ratio=0.4): pipe(...)``.
+
+Takes the arguments of :func:`apply_patch`. Restores the model on exit, also after an error.
+"""
