@@ -6,7 +6,9 @@ reads the imperfect images a diffusion model makes. :func:`score_adherence` comp
 predictions with the attributes parsed from the prompts.
 
 The shipped weights live in ``eval/reference_model/attribute_classifier.safetensors`` with a
-JSON config beside it; ``scripts/train_attribute_classifier.py`` regenerates them.
+JSON config beside it; ``scripts/train_attribute_classifier.py`` regenerates them (into
+``runs/attribute_classifier``, or over the shipped ones with
+``--out eval/reference_model --overwrite-shipped-model``).
 """
 
 from __future__ import annotations

@@ -7,20 +7,26 @@ caption word is one token while any other text still tokenizes, byte by byte), a
 4 (64 px images -> 4 x 16 x 16 latents) and a :class:`~diffusers.UNet2DConditionModel` with the SD
 block layout (cross-attention down/up blocks, a cross-attention mid block) whose top level works
 on the 16 x 16 = 256 latent tokens.
+
+:func:`refuse_shipped_model` keeps the training scripts from overwriting the shipped folder
+(:data:`eval.REFERENCE_MODEL`) unless they are given :data:`OVERWRITE_FLAG`.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
-from eval import shapes
+from eval import REFERENCE_MODEL, shapes
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 MAX_LENGTH = 77
 VAE_LOGVAR = -4.6  # posterior std exp(-2.3) ~= 0.1
+#: the option the training scripts need to write into the shipped model's folder
+OVERWRITE_FLAG = "--overwrite-shipped-model"
 
 
 def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
@@ -227,3 +233,18 @@ def build_inference_scheduler() -> Any:
 def count_parameters(module: Any) -> int:
     """Number of parameters of a torch module."""
     return sum(p.numel() for p in module.parameters())
+
+
+def inside_shipped_model(path: str | Path) -> bool:
+    """Whether ``path`` is the shipped model's folder (:data:`eval.REFERENCE_MODEL`) or inside it."""
+    resolved, shipped = Path(path).resolve(), REFERENCE_MODEL.resolve()
+    return resolved == shipped or shipped in resolved.parents
+
+
+def refuse_shipped_model(out: str | Path, overwrite: bool) -> None:
+    """End the run with a one-line error naming :data:`OVERWRITE_FLAG` if the output folder ``out``
+    is the shipped model's (or inside it) and ``overwrite`` (that option) is not set."""
+    if not overwrite and inside_shipped_model(out):
+        shipped = REFERENCE_MODEL.resolve()
+        raise SystemExit(f"--out {out} would write into the shipped reference model ({shipped}); "
+                         f"pass {OVERWRITE_FLAG} to overwrite it on purpose, or choose another folder")

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Train the attribute classifier used to score prompt adherence of the reference model.
 
-Example (about 1-2 minutes on one CPU thread)::
+Writes ``attribute_classifier.safetensors`` and ``attribute_classifier.json`` into ``--out``
+(default ``runs/attribute_classifier``) and prints its accuracy on fresh generator images. The
+shipped classifier lives beside the shipped model in ``eval/reference_model``; replacing it needs
+``--out eval/reference_model --overwrite-shipped-model``.
+
+Examples (about 1-2 minutes on one CPU thread)::
 
     python scripts/train_attribute_classifier.py --threads 1
-
-Writes ``attribute_classifier.safetensors`` and ``attribute_classifier.json`` into ``--out``
-(default ``eval/reference_model``) and prints its accuracy on fresh generator images.
+    python scripts/train_attribute_classifier.py --threads 1 --out eval/reference_model --overwrite-shipped-model
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import agentsd  # noqa: E402
-from eval import REFERENCE_MODEL  # noqa: E402
+from eval.reference_components import OVERWRITE_FLAG, refuse_shipped_model  # noqa: E402
+
+DEFAULT_OUT = "runs/attribute_classifier"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(REFERENCE_MODEL), help="output folder")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
+    p.add_argument(OVERWRITE_FLAG, action="store_true",
+                   help="allow --out to be the shipped model's folder, eval/reference_model (replaces its classifier)")
     p.add_argument("--n-train", type=int, default=20000, help="generated training images")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -35,7 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=3000, help="fresh images for the accuracy report")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    refuse_shipped_model(args.out, args.overwrite_shipped_model)
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

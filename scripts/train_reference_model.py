@@ -1,83 +1,43 @@
 #!/usr/bin/env python
 """Train agentsd's embedded reference text-to-image model on procedural shapes (CPU).
 
-The result is a small Stable Diffusion pipeline in the diffusers layout, saved with
-``StableDiffusionPipeline.save_pretrained`` into ``--out`` so that
-``StableDiffusionPipeline.from_pretrained(out)`` loads it offline. Data: captioned 64 x 64 images
-from ``eval/shapes.py`` ("a red circle on a blue background"), never the held-out combinations.
+The result is a small Stable Diffusion pipeline in the diffusers layout, saved into ``--out``
+(default ``runs/reference_model``) so that ``StableDiffusionPipeline.from_pretrained(out)`` loads it
+offline, with its model card ``README.md`` and ``training_info.json``. Phases: the autoencoder
+(``--vae-steps``), the UNet and text encoder (``--steps``), then the export of the EMA weights and
+the prompt-adherence evaluation (``--no-eval`` skips it). The training itself is
+``eval/reference_training.py``.
 
-Phases:
-  1. AutoencoderKL (4x downsampling: 64 px -> 4 x 16 x 16 latents), ``--vae-steps``.
-  2. The training images are encoded once (cached in the checkpoint folder); the UNet and the
-     CLIP text encoder are trained jointly with the DDPM epsilon loss (min-SNR weighting,
-     classifier-free-guidance caption dropout, warmup + cosine LR, EMA), ``--steps``.
-  3. The EMA weights are exported with a PNDM (PLMS) scheduler, reloaded from disk, and the
-     prompt adherence on held-out prompts is measured with the attribute classifier
-     (``eval/adherence.py``); a model card ``README.md`` is written into ``--out``.
+The shipped model lives in ``eval/reference_model``: writing there needs
+``--out eval/reference_model --overwrite-shipped-model``; without the flag that ``--out`` is refused.
 
 Training is reproducible from ``--seed`` (for a given thread count) and resumable: a checkpoint
 (weights, EMA, optimisers, LR schedulers, step, RNG states) is written to ``--ckpt-dir`` every
-``--ckpt-minutes`` and when a phase ends or time runs out (a temporary file, then a rename);
-``--resume`` continues from it. Checkpoints and the latent cache hold only tensors, numbers, strings,
-lists and dicts, and are loaded with ``torch.load(..., weights_only=True)``: no pickled code runs,
-and a damaged or changed checkpoint ends the run with a one-line error naming the file.
+``--ckpt-minutes`` and when a phase ends or time runs out; ``--resume`` continues from it.
+Checkpoints and the latent cache are loaded with ``torch.load(..., weights_only=True)``: a damaged
+or changed checkpoint ends the run with a one-line error naming the file.
 
-Example (full run, 2 threads)::
+Examples (2 threads)::
 
     python scripts/train_reference_model.py --threads 2 --resume
+    python scripts/train_reference_model.py --threads 2 --resume \\
+        --out eval/reference_model --overwrite-shipped-model
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-import math
 import os
-import random
 import shlex
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-import agentsd  # noqa: E402
-from eval import REFERENCE_MODEL  # noqa: E402
-from agentsd.dreambooth import unsafe_file_error  # noqa: E402
+from eval.reference_components import OVERWRITE_FLAG, inside_shipped_model, refuse_shipped_model  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-
-from eval import shapes  # noqa: E402
-from eval.reference_components import (  # noqa: E402
-    ModelConfig,
-    build_inference_scheduler,
-    build_text_encoder,
-    build_tokenizer,
-    build_train_scheduler,
-    build_unet,
-    build_vae,
-    count_parameters,
-    freeze_vae_logvar,
-)
-
-CHECKPOINT = "checkpoint.pt"
-LATENT_CACHE = "latents.pt"
-CHECKPOINT_VERSION = 2  # 1: pickled, no longer loaded
-#: options that must not change when resuming (they define the training run); --steps may grow
-RUN_KEYS = (
-    "seed", "steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "ema_decay",
-    "cfg_drop", "snr_gamma", "noise_offset", "n_train_images", "vae_steps", "vae_batch_size", "vae_lr",
-    "text_hidden", "text_layers", "unet_channels", "vae_channels",
-)
-
-
-# ----------------------------------------------------------------------------- options
+DEFAULT_OUT = "runs/reference_model"
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -92,10 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=str(REFERENCE_MODEL),
-                   help="pipeline folder (default: eval/reference_model)")
-    g.add_argument("--ckpt-dir", default=None,
-                   help="checkpoint folder (default: <out>/../reference_model_ckpt)")
+    g.add_argument("--out", default=DEFAULT_OUT, help=f"pipeline folder (default: {DEFAULT_OUT})")
+    g.add_argument(OVERWRITE_FLAG, action="store_true",
+                   help="allow --out to be the shipped model's folder, eval/reference_model (replaces it)")
+    g.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: <out>_ckpt, beside --out)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir if there is one")
     g.add_argument("--max-minutes", type=float, default=None,
@@ -142,644 +102,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "training-combination prompts and the best one is used for the held-out prompts")
     g.add_argument("--eval-batch-size", type=int, default=50)
     args = p.parse_args(argv)
+    refuse_shipped_model(args.out, args.overwrite_shipped_model)
     if args.ckpt_dir is None:
-        args.ckpt_dir = str(Path(args.out).resolve().parent / "reference_model_ckpt")
+        out = Path(args.out).resolve()
+        args.ckpt_dir = str(out.with_name(out.name + "_ckpt"))
+    elif inside_shipped_model(args.ckpt_dir):
+        raise SystemExit(f"--ckpt-dir {args.ckpt_dir} is inside the shipped reference model; choose another folder")
     return args
-
-
-def model_config(args: argparse.Namespace) -> ModelConfig:
-    """Network sizes from the options."""
-    return ModelConfig(
-        text_hidden=args.text_hidden,
-        text_layers=args.text_layers,
-        vae_channels=tuple(args.vae_channels),
-        unet_channels=tuple(args.unet_channels),
-    )
-
-
-def run_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that define the run (compared on resume)."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items() if k in RUN_KEYS}
-
-
-# ----------------------------------------------------------------------------- helpers
-
-
-def lr_lambda(warmup: int, total: int, floor: float):
-    """Linear warmup to 1, then cosine decay to ``floor``."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def render_batch(seed: int, step: int, n: int) -> torch.Tensor:
-    """``n`` fresh training images for VAE step ``step`` (depends only on seed and step), in [-1, 1]."""
-    rng = np.random.default_rng([seed, 1, step])
-    imgs = np.stack([np.asarray(shapes.render(a, rng=rng)) for a in (shapes.sample_attributes(rng) for _ in range(n))])
-    return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W, 3)`` -> float ``(N, 3, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def rng_state() -> dict[str, Any]:
-    """Global RNG states (torch, numpy, python) as tensors and numbers (loadable with ``weights_only``)."""
-    _, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore :func:`rng_state`."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
-
-
-def safe_load(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers only.
-
-    Raises:
-        ValueError: one line naming ``path``, for a file that is damaged or holds anything else.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is not what this script writes
-        raise unsafe_file_error(path, err) from None
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename (``obj``: what :func:`safe_load` reads back)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def folder_size_mb(folder: Path) -> float:
-    """Total size of the files under ``folder`` in MB."""
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
-
-
-class EMA:
-    """Exponential moving average of a list of parameters (decay warms up as (1+s)/(10+s))."""
-
-    def __init__(self, params: list[torch.nn.Parameter], decay: float) -> None:
-        self.params = params
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in params]
-
-    @torch.no_grad()
-    def update(self, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        torch._foreach_mul_(self.shadow, d)
-        torch._foreach_add_(self.shadow, [p.detach() for p in self.params], alpha=1.0 - d)
-
-    @torch.no_grad()
-    def copy_to(self, params: list[torch.nn.Parameter]) -> None:
-        for s, p in zip(self.shadow, params):
-            p.copy_(s)
-
-
-# ----------------------------------------------------------------------------- trainer
-
-
-class Trainer:
-    """Holds the models, optimisers and progress of one training run."""
-
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.out = Path(args.out)
-        self.ckpt_dir = Path(args.ckpt_dir)
-        self.start = time.time()
-        self.last_ckpt = time.time()
-        self.cfg = model_config(args)
-        self.progress = not args.no_progress
-
-        torch.manual_seed(args.seed)
-        np.random.seed(args.seed)
-        random.seed(args.seed)
-        self.tokenizer = build_tokenizer()
-        self.text_encoder = build_text_encoder(self.cfg, vocab_size=len(self.tokenizer))
-        self.vae = build_vae(self.cfg)
-        self.unet = build_unet(self.cfg)
-        freeze_vae_logvar(self.vae)
-        self.noise_scheduler = build_train_scheduler()
-        self.gen = torch.Generator().manual_seed(args.seed)
-
-        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
-        self.vae_sched = torch.optim.lr_scheduler.LambdaLR(
-            self.vae_opt, lr_lambda(min(100, args.vae_steps // 10), args.vae_steps, 0.1)
-        )
-        self.train_params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
-        self.opt = torch.optim.AdamW(self.train_params, lr=args.lr, weight_decay=args.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lr_lambda(args.warmup_steps, args.steps, args.min_lr_ratio)
-        )
-        self.ema = EMA(self.train_params, args.ema_decay)
-
-        self.phase = "vae"
-        self.vae_step = 0
-        self.unet_step = 0
-        self.scaling_factor: float | None = None
-        self.elapsed = {"vae": 0.0, "latents": 0.0, "unet": 0.0}
-        self.loss_log: list[tuple[str, int, float]] = []
-        self.commands: list[str] = []
-        self.stopped_early = False
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "version": CHECKPOINT_VERSION,
-            "run_config": run_config(self.args),
-            "model_config": self.cfg.to_dict(),
-            "phase": self.phase,
-            "vae_step": self.vae_step,
-            "unet_step": self.unet_step,
-            "vae": self.vae.state_dict(),
-            "vae_opt": self.vae_opt.state_dict(),
-            "vae_sched": self.vae_sched.state_dict(),
-            "unet": self.unet.state_dict(),
-            "text_encoder": self.text_encoder.state_dict(),
-            "ema": self.ema.shadow,
-            "opt": self.opt.state_dict(),
-            "sched": self.sched.state_dict(),
-            "gen": self.gen.get_state(),
-            "rng": rng_state(),
-            "scaling_factor": self.scaling_factor,
-            "elapsed": self.elapsed,
-            "loss_log": self.loss_log,
-            "commands": self.commands,
-        }
-
-    def save_checkpoint(self) -> None:
-        self.make_ckpt_dir()
-        atomic_save(self.state_dict(), self.ckpt_dir / CHECKPOINT)
-        self.last_ckpt = time.time()
-
-    def make_ckpt_dir(self) -> None:
-        """Create the checkpoint folder, with a ``.gitignore`` that keeps it out of git."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        ignore = self.ckpt_dir / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text("# training checkpoints of scripts/train_reference_model.py\n*\n")
-
-    def load_checkpoint(self) -> bool:
-        path = self.ckpt_dir / CHECKPOINT
-        if not path.exists():
-            return False
-        try:
-            state = safe_load(path)
-        except ValueError as err:
-            raise SystemExit(str(err)) from None
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION:
-            found = state.get("version") if isinstance(state, dict) else None
-            raise SystemExit(f"{path}: unsupported checkpoint version {found} (expected {CHECKPOINT_VERSION})")
-        try:  # a checkpoint of another model or run ends the run (it has written nothing yet)
-            mine = run_config(self.args)
-            diff = {k: (state["run_config"].get(k), v) for k, v in mine.items()
-                    if state["run_config"].get(k) != v and k != "steps"}
-            if diff:
-                lines = "\n".join(
-                    f"  --{k.replace('_', '-')}: checkpoint {a!r}, now {b!r}" for k, (a, b) in diff.items()
-                )
-                raise SystemExit(f"{path} was made with other options; pass the same ones to resume:\n{lines}")
-            self.phase = state["phase"]
-            self.vae_step = state["vae_step"]
-            self.unet_step = state["unet_step"]
-            old_steps = state["run_config"]["steps"]
-            if old_steps != self.args.steps:
-                if self.args.steps < self.unet_step:
-                    raise SystemExit(f"--steps {self.args.steps} is below the checkpoint's step {self.unet_step}")
-                print(f"--steps changed from {old_steps} to {self.args.steps}: the cosine LR schedule is "
-                      "stretched to the new total (the run is then no longer reproducible in one go)")
-                if self.phase == "done" and self.unet_step < self.args.steps:
-                    self.phase = "unet"
-            self.vae.load_state_dict(state["vae"])
-            self.vae_opt.load_state_dict(state["vae_opt"])
-            self.vae_sched.load_state_dict(state["vae_sched"])
-            self.unet.load_state_dict(state["unet"])
-            self.text_encoder.load_state_dict(state["text_encoder"])
-            with torch.no_grad():
-                for s, v in zip(self.ema.shadow, state["ema"]):
-                    s.copy_(v)
-            self.opt.load_state_dict(state["opt"])
-            self.sched.load_state_dict(state["sched"])
-            self.gen.set_state(state["gen"])
-            set_rng_state(state["rng"])
-            self.scaling_factor = state["scaling_factor"]
-            self.elapsed = state["elapsed"]
-            self.loss_log = [tuple(x) for x in state["loss_log"]]
-            self.commands = list(state["commands"])
-        except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise SystemExit(f"{path} does not fit this model and run: {reason}") from None
-        return True
-
-    def time_is_up(self) -> bool:
-        m = self.args.max_minutes
-        return m is not None and time.time() - self.start >= m * 60.0
-
-    def maybe_checkpoint(self) -> None:
-        if time.time() - self.last_ckpt >= self.args.ckpt_minutes * 60.0:
-            self.save_checkpoint()
-
-    # ------------------------------------------------------------------ phase 1
-
-    def train_vae(self) -> bool:
-        """Train the autoencoder; return False if stopped by the time budget."""
-        args = self.args
-        self.vae.train()
-        bar = tqdm(total=args.vae_steps, initial=self.vae_step, desc="vae", disable=not self.progress)
-        running = None
-        while self.vae_step < args.vae_steps:
-            if self.time_is_up():
-                bar.close()
-                return False
-            t0 = time.time()
-            x = render_batch(args.seed, self.vae_step, args.vae_batch_size)
-            posterior = self.vae.encode(x).latent_dist
-            rec = self.vae.decode(posterior.sample(generator=self.gen)).sample
-            loss = F.mse_loss(rec, x) + F.l1_loss(rec, x)
-            self.vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.vae.parameters(), 1.0)
-            self.vae_opt.step()
-            self.vae_sched.step()
-            self.vae_step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if self.vae_step % 50 == 0 or self.vae_step == args.vae_steps:
-                self.loss_log.append(("vae", self.vae_step, running))
-            self.elapsed["vae"] += time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}")
-            self.maybe_checkpoint()
-        bar.close()
-        return True
-
-    # ------------------------------------------------------------------ latents
-
-    @torch.no_grad()
-    def latent_cache(self) -> dict[str, Any]:
-        """Encode the training set once (posterior means), cached beside the checkpoint."""
-        args = self.args
-        path = self.ckpt_dir / LATENT_CACHE
-        fingerprint = float(sum(p.double().sum() for p in self.vae.parameters()))
-        key = {"seed": args.seed, "n": args.n_train_images, "vae": fingerprint}
-        if path.exists():
-            try:
-                cache = safe_load(path)
-            except ValueError as err:
-                print(f"{err}; encoding the training set again")
-                cache = None
-            if isinstance(cache, dict) and cache.get("key") == key:
-                return cache
-        t0 = time.time()
-        data = shapes.make_dataset(args.n_train_images, seed=args.seed + 7919)
-        self.vae.eval()
-        means = []
-        for i in tqdm(range(0, len(data.images), 256), desc="encode", disable=not self.progress):
-            x = images_to_tensor(data.images[i : i + 256])
-            means.append(self.vae.encode(x).latent_dist.mean)
-        mean = torch.cat(means)
-        captions = sorted(set(data.captions))
-        index = {c: i for i, c in enumerate(captions)}
-        cache = {
-            "key": key,
-            "mean": mean.half(),
-            "caption_index": torch.tensor([index[c] for c in data.captions], dtype=torch.long),
-            "captions": captions,
-            # scale the latents to unit variance (as SD's 0.18215)
-            "scaling_factor": float(1.0 / mean.std()),
-        }
-        self.make_ckpt_dir()
-        atomic_save(cache, path)
-        self.elapsed["latents"] += time.time() - t0
-        return cache
-
-    # ------------------------------------------------------------------ phase 2
-
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-
-    def train_unet(self, cache: dict[str, Any]) -> bool:
-        """Train UNet + text encoder; return False if stopped early."""
-        args = self.args
-        self.scaling_factor = cache["scaling_factor"]
-        latents = cache["mean"]
-        caption_index = cache["caption_index"]
-        tokens = self.tokenize(list(cache["captions"]) + [""])  # last row: the unconditional caption
-        empty = len(cache["captions"])
-        latent_std = float(torch.exp(0.5 * self.vae.quant_conv.bias.detach()[4:]).mean())
-        alphas = self.noise_scheduler.alphas_cumprod
-        snr = alphas / (1.0 - alphas)
-        n = latents.shape[0]
-        self.unet.train()
-        self.text_encoder.train()
-        bar = tqdm(total=args.steps, initial=self.unet_step, desc="unet", disable=not self.progress)
-        running = None
-        while self.unet_step < args.steps:
-            if self.time_is_up() or (args.stop_at_step is not None and self.unet_step >= args.stop_at_step):
-                bar.close()
-                return False
-            t0 = time.time()
-            b = args.batch_size
-            idx = torch.randint(n, (b,), generator=self.gen)
-            z = latents[idx].float()
-            z = (z + latent_std * torch.randn(z.shape, generator=self.gen)) * self.scaling_factor
-            noise = torch.randn(z.shape, generator=self.gen)
-            if args.noise_offset:
-                noise = noise + args.noise_offset * torch.randn(b, z.shape[1], 1, 1, generator=self.gen)
-            t = torch.randint(0, len(alphas), (b,), generator=self.gen)
-            drop = torch.rand(b, generator=self.gen) < args.cfg_drop
-            cap = torch.where(drop, torch.full_like(idx, empty), caption_index[idx])
-            uniq, inverse = torch.unique(cap, return_inverse=True)
-            text = self.text_encoder(tokens[uniq]).last_hidden_state[inverse]
-            noisy = self.noise_scheduler.add_noise(z, noise, t)
-            pred = self.unet(noisy, t, encoder_hidden_states=text).sample
-            per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-            if args.snr_gamma > 0:
-                s = snr[t]
-                per_sample = per_sample * torch.clamp(s, max=args.snr_gamma) / s
-            loss = per_sample.mean()
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.train_params, 1.0)
-            self.opt.step()
-            self.sched.step()
-            self.ema.update(self.unet_step)
-            self.unet_step += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if self.unet_step % 50 == 0 or self.unet_step == args.steps:
-                self.loss_log.append(("unet", self.unet_step, running))
-            self.elapsed["unet"] += time.time() - t0
-            bar.update(1)
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{self.sched.get_last_lr()[0]:.2e}")
-            self.maybe_checkpoint()
-        bar.close()
-        return True
-
-    # ------------------------------------------------------------------ export
-
-    def export(self) -> None:
-        """Save the EMA weights as a StableDiffusionPipeline into ``--out``."""
-        from diffusers import StableDiffusionPipeline
-
-        unet = copy.deepcopy(self.unet)
-        text_encoder = copy.deepcopy(self.text_encoder)
-        self.ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
-        vae = copy.deepcopy(self.vae)
-        vae.register_to_config(scaling_factor=self.scaling_factor)
-        pipe = StableDiffusionPipeline(
-            vae=vae.eval(),
-            text_encoder=text_encoder.eval(),
-            tokenizer=self.tokenizer,
-            unet=unet.eval(),
-            scheduler=build_inference_scheduler(),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(self.out, safe_serialization=True)
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Reload the saved pipeline from disk and score its prompt adherence.
-
-    With several ``--guidance`` values, each is scored on the training-combination prompts and the
-    best one (all attributes correct) is used for the held-out prompts.
-    """
-    from diffusers import StableDiffusionPipeline
-    from PIL import Image
-
-    from eval.adherence import evaluate_pipeline, load_classifier
-
-    t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    classifier = load_classifier()
-    common = dict(num_inference_steps=args.eval_steps, batch_size=args.eval_batch_size,
-                  classifier=classifier, progress=not args.no_progress)
-    guidances = list(args.guidance)
-    train: dict[str, Any] = {}
-    if args.eval_train_n > 0:
-        for g in guidances:
-            train[str(g)], _ = evaluate_pipeline(
-                pipe, shapes.train_prompts(args.eval_train_n), seed=100000, guidance_scale=g, **common)
-        best = max(guidances, key=lambda g: (train[str(g)]["all_correct"],
-                                             sum(train[str(g)][k] for k in ("shape", "color", "background"))))
-    else:
-        best = guidances[0]
-    heldout, images = evaluate_pipeline(
-        pipe, shapes.heldout_prompts(args.eval_n), seed=0, guidance_scale=best, **common)
-    result: dict[str, Any] = {"heldout": heldout, "guidance": best, "train_combos": train}
-    # a grid of the first 24 held-out samples (two per held-out prompt)
-    k = min(24, len(images))
-    if k:
-        cols = 12
-        rows = math.ceil(k / cols)
-        grid = np.zeros((rows * 64, cols * 64, 3), dtype=np.uint8)
-        for i in range(k):
-            r, c = divmod(i, cols)
-            grid[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] = images[i]
-        Image.fromarray(grid).save(Path(args.out) / "samples.png")
-    result["eval_seconds"] = round(time.time() - t0, 1)
-    return result
-
-
-def _fmt_scores(s: dict[str, Any]) -> str:
-    return " | ".join(f"{100 * s[k]:.1f} %" for k in ("all_correct", "shape", "color", "background"))
-
-
-def write_model_card(trainer: Trainer, metrics: dict[str, Any] | None) -> None:
-    """Write ``README.md`` and ``training_info.json`` into ``--out``."""
-    args = trainer.args
-    out = Path(args.out)
-    counts = {
-        "unet": count_parameters(trainer.unet),
-        "text_encoder": count_parameters(trainer.text_encoder),
-        "vae": count_parameters(trainer.vae),
-    }
-    minutes = {k: round(v / 60.0, 1) for k, v in trainer.elapsed.items()}
-    total_min = round(sum(trainer.elapsed.values()) / 60.0, 1)
-    info = {
-        "run_config": run_config(args),
-        "model_config": trainer.cfg.to_dict(),
-        "parameters": counts,
-        "vae_steps_done": trainer.vae_step,
-        "unet_steps_done": trainer.unet_step,
-        "stopped_early": trainer.stopped_early,
-        "training_minutes": minutes,
-        "training_minutes_total": total_min,
-        "threads": args.threads,
-        "scaling_factor": trainer.scaling_factor,
-        "commands": trainer.commands,
-        "final_loss": {ph: v for ph, _, v in trainer.loss_log},
-        "adherence": metrics,
-    }
-    (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    ncombos = len(shapes.TRAIN_COMBOS)
-    lines = [
-        "# agentsd reference model",
-        "",
-        "A small text-to-image Stable Diffusion pipeline (diffusers layout, "
-        "`StableDiffusionPipeline.from_pretrained(\"eval/reference_model\")` loads it offline) trained "
-        "from scratch on CPU on procedural captioned shapes, so that agentsd's tests and benchmarks can "
-        "measure prompt adherence without downloading weights. It is not a general image model.",
-        "",
-        "## Data",
-        "",
-        "64 x 64 RGB images from `eval/shapes.py`: one shape (circle, square, triangle) in one of six "
-        "colours (red, green, blue, yellow, white, black) on a plain background of another of those "
-        "colours, with +-15 % size and +-5 px position jitter. Caption: "
-        "`\"a red circle on a blue background\"`. "
-        f"{args.n_train_images} training images (seed {args.seed}) over {ncombos} of the 90 attribute "
-        f"combinations; the {len(shapes.HELDOUT_COMBOS)} held-out combinations (`shapes.HELDOUT_PROMPTS`) "
-        "are never seen in training. The autoencoder is trained on freshly rendered images of the "
-        "training combinations.",
-        "",
-        "## Model",
-        "",
-        "| component | parameters | notes |",
-        "|---|---|---|",
-        f"| UNet2DConditionModel | {counts['unet'] / 1e6:.2f} M | channels {list(trainer.cfg.unet_channels)}, "
-        "CrossAttnDownBlock2D x2 + DownBlock2D, UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x2; "
-        "the top level self-attends over 16 x 16 = 256 latent tokens |",
-        f"| CLIPTextModel | {counts['text_encoder'] / 1e6:.2f} M | {trainer.cfg.text_layers} layers, "
-        f"width {trainer.cfg.text_hidden}, trained jointly with the UNet |",
-        f"| AutoencoderKL | {counts['vae'] / 1e6:.2f} M | channels {list(trainer.cfg.vae_channels)}, 4x downsampling "
-        f"(64 px -> 4 x 16 x 16), scaling_factor {trainer.scaling_factor:.4f} |"
-        if trainer.scaling_factor is not None else "| AutoencoderKL | | |",
-        "| CLIPTokenizer | | byte-level BPE whose merges make each caption word one token; any text tokenizes |",
-        "| PNDMScheduler | | SD 1.x betas (scaled_linear 0.00085-0.012, 1000 steps), skip_prk_steps |",
-        "",
-        "## Training",
-        "",
-        f"- Autoencoder: {trainer.vae_step} steps, batch {args.vae_batch_size}, AdamW lr {args.vae_lr}, "
-        "MSE + L1, fixed posterior std 0.1 (no KL term).",
-        f"- UNet + text encoder: {trainer.unet_step} of {args.steps} steps, batch {args.batch_size}, AdamW lr "
-        f"{args.lr} ({args.warmup_steps} warmup steps, cosine to {args.min_lr_ratio}x), EMA {args.ema_decay} "
-        f"(the exported weights), DDPM epsilon loss with min-SNR-{args.snr_gamma} weighting, "
-        f"noise offset {args.noise_offset}, {100 * args.cfg_drop:.0f} % captions dropped for classifier-free "
-        "guidance.",
-        f"- Time: {total_min} min on {args.threads} CPU thread(s) "
-        f"(autoencoder {minutes['vae']}, encoding {minutes['latents']}, UNet {minutes['unet']})."
-        + (" Training was stopped early by the time budget." if trainer.stopped_early else ""),
-        "- Command(s):",
-        "",
-        "```",
-        *trainer.commands,
-        "```",
-        "",
-        "## Prompt adherence",
-        "",
-    ]
-    if metrics:
-        h = metrics["heldout"]
-        lines += [
-            f"Measured on the unpatched pipeline reloaded from disk: {h['num_inference_steps']} PNDM steps, "
-            "seed `i` for image `i`, scored by the attribute classifier "
-            "(`eval/adherence.py`, `attribute_classifier.safetensors`).",
-            "",
-            "| prompts | guidance | images | all attributes | shape | colour | background |",
-            "|---|---|---|---|---|---|---|",
-            f"| **held-out combinations** | {h['guidance_scale']} | {h['n']} | {_fmt_scores(h)} |",
-        ]
-        for g, t in metrics.get("train_combos", {}).items():
-            lines.append(f"| training combinations | {g} | {t['n']} | {_fmt_scores(t)} |")
-        lines += [
-            "",
-            "The guidance scale for the held-out prompts is the best one on the training combinations.",
-            "",
-            "![held-out samples](samples.png)",
-            "",
-        ]
-    else:
-        lines += ["Not measured (`--no-eval`).", ""]
-    lines += [
-        "## Files",
-        "",
-        f"Pipeline: {folder_size_mb(out):.1f} MB in this folder (fp32 safetensors). "
-        "`attribute_classifier.*` is the adherence classifier (not part of the pipeline); "
-        "`training_info.json` holds the numbers above.",
-        "",
-    ]
-    (out / "README.md").write_text("\n".join(lines))
-
-
-# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the training, export, evaluate and write the model card."""
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    trainer = Trainer(args)
-    if args.resume:
-        if trainer.load_checkpoint():
-            print(f"resumed from {trainer.ckpt_dir / CHECKPOINT}: phase {trainer.phase}, "
-                  f"vae step {trainer.vae_step}, unet step {trainer.unet_step}")
-        else:
-            print(f"no checkpoint in {trainer.ckpt_dir}; starting from scratch")
-    elif (trainer.ckpt_dir / CHECKPOINT).exists():
-        print(f"warning: {trainer.ckpt_dir / CHECKPOINT} exists and will be overwritten (use --resume to continue)")
-    cmd = "python scripts/train_reference_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
-    trainer.commands.append(cmd.strip())
-    print(f"parameters: unet {count_parameters(trainer.unet) / 1e6:.2f} M, text encoder "
-          f"{count_parameters(trainer.text_encoder) / 1e6:.2f} M, vae {count_parameters(trainer.vae) / 1e6:.2f} M")
+    from eval.reference_training import train
 
-    finished = True
-    if trainer.phase == "vae":
-        finished = trainer.train_vae()
-        if finished:
-            trainer.phase = "unet"
-        trainer.save_checkpoint()
-    if finished and trainer.phase == "unet":
-        cache = trainer.latent_cache()
-        trainer.scaling_factor = cache["scaling_factor"]
-        finished = trainer.train_unet(cache)
-        if finished:
-            trainer.phase = "done"
-        trainer.save_checkpoint()
-    if not finished and args.stop_at_step is not None and not trainer.time_is_up():
-        print(f"stopped at unet step {trainer.unet_step}; checkpoint in {trainer.ckpt_dir} (continue with --resume)")
-        return 0
-    if not finished:
-        trainer.stopped_early = True
-        if trainer.phase == "vae":
-            print(f"time budget reached at vae step {trainer.vae_step}: the autoencoder is not trained yet, "
-                  "nothing to export (continue with --resume)")
-            return 0
-        print(f"time budget reached at unet step {trainer.unet_step}; exporting the current EMA weights "
-              "(continue with --resume)")
-    trainer.export()
-    metrics = None if args.no_eval else evaluate(args)
-    write_model_card(trainer, metrics)
-    if metrics:
-        print(json.dumps(metrics, indent=2))
-    print(f"saved {args.out} ({folder_size_mb(Path(args.out)):.1f} MB)")
-    return 0
+    command = "python scripts/train_reference_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    return train(args, command)
 
 
 if __name__ == "__main__":

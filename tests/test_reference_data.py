@@ -152,3 +152,63 @@ def test_shipped_reference_model_loads_offline_and_generates() -> None:
     with agentsd.patched(pipe, ratio=0.4):
         patched = draw()
     assert 0 < np.abs(patched - plain).mean() < 0.1
+
+
+# ----------------------------------------------------------------------------- the shipped model's folder
+
+SHIPPED_SPELLINGS = ("eval/reference_model", "./eval/reference_model/", "eval/../eval/reference_model",
+                     "eval/reference_model/unet")
+TRAINING_SCRIPTS = ("train_reference_model", "train_attribute_classifier")
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    return {str(f.relative_to(folder)): (f.stat().st_size, f.stat().st_mtime_ns) for f in folder.rglob("*")}
+
+
+def _must_not_run(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the script went on to train into the shipped reference model")
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS)
+def test_training_scripts_refuse_the_shipped_model_without_the_flag(
+    script: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib
+    import types
+
+    import eval.adherence
+    from eval import REFERENCE_MODEL
+
+    module = importlib.import_module(f"scripts.{script}")
+    # were the refusal gone, the training would fail the test instead of writing anything
+    fake = types.ModuleType("eval.reference_training")
+    fake.train = _must_not_run  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "eval.reference_training", fake)
+    monkeypatch.setattr(eval.adherence, "train_classifier", _must_not_run)
+    monkeypatch.setattr(eval.adherence, "save_classifier", _must_not_run)
+    monkeypatch.chdir(REPO_ROOT)
+    before = _snapshot(REFERENCE_MODEL)
+    for out in (*SHIPPED_SPELLINGS, str(REFERENCE_MODEL)):
+        with pytest.raises(SystemExit) as err:
+            module.main(["--out", out, "--threads", str(torch.get_num_threads())])
+        message = str(err.value.code)
+        assert "--overwrite-shipped-model" in message and out in message and "\n" not in message
+    assert _snapshot(REFERENCE_MODEL) == before
+    # by default the output goes under runs/ (ignored by git); the flag lets --out be the shipped folder
+    args = module.parse_args([])
+    assert Path(args.out).resolve().is_relative_to(REPO_ROOT / "runs")
+    args = module.parse_args(["--out", "eval/reference_model", "--overwrite-shipped-model"])
+    assert Path(args.out).resolve() == REFERENCE_MODEL.resolve()
+
+
+def test_reference_checkpoints_never_go_into_the_shipped_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from scripts.train_reference_model import parse_args
+
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(SystemExit, match="--ckpt-dir eval/reference_model/ckpt is inside the shipped"):
+        parse_args(["--ckpt-dir", "eval/reference_model/ckpt", "--overwrite-shipped-model"])
+    # the default checkpoint folder is beside --out, named after it
+    assert Path(parse_args(["--out", "runs/a"]).ckpt_dir) == REPO_ROOT / "runs" / "a_ckpt"
+    shipped = parse_args(["--out", "eval/reference_model", "--overwrite-shipped-model"])
+    assert Path(shipped.ckpt_dir) == REPO_ROOT / "eval" / "reference_model_ckpt"
+
