@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from agentsd.dreambooth import unsafe_file_error
 from eval import shapes
+from eval.adherence import CLASSIFIER_FILE
 from eval.reference_components import (
     ModelConfig,
     build_inference_scheduler,
@@ -568,10 +569,13 @@ def card_blocks(text: str) -> dict[str, str]:
     return {name: block.strip("\n") for name, block in zip(parts[1::2], parts[2::2])}
 
 
-def render_model_card(info: dict[str, Any], size_mb: float, template: Path = CARD_TEMPLATE) -> str:
-    """The model card ``README.md`` of a pipeline folder from its ``training_info.json`` (``info``)
-    and its size in MB: the template's ``card`` block filled with :meth:`str.format`, with the
-    ``adherence`` (or ``not_measured``) and ``stopped_early`` blocks in their places."""
+def render_model_card(
+    info: dict[str, Any], size_mb: float, has_classifier: bool = True, template: Path = CARD_TEMPLATE
+) -> str:
+    """The model card ``README.md`` of a pipeline folder from its ``training_info.json`` (``info``),
+    its size in MB and whether the attribute classifier lies in it too: the template's ``card``
+    block filled with :meth:`str.format`, with the ``adherence`` (or ``not_measured``),
+    ``classifier_note`` and ``stopped_early`` blocks in their places."""
     blocks = card_blocks(template.read_text())
     run, model, counts, minutes = info["run_config"], info["model_config"], info["parameters"], info["training_minutes"]
     metrics = info.get("adherence")
@@ -607,6 +611,7 @@ def render_model_card(info: dict[str, Any], size_mb: float, template: Path = CAR
         minutes_latents=minutes["latents"],
         minutes_unet=minutes["unet"],
         stopped_early=blocks["stopped_early"] if info["stopped_early"] else "",
+        classifier_note=blocks["classifier_note"] if has_classifier else "",
         commands="\n".join(info["commands"]),
         adherence=adherence,
         size_mb=f"{size_mb:.1f}",
@@ -620,7 +625,8 @@ def write_model_card(trainer: Trainer, metrics: dict[str, Any] | None) -> None:
     out = Path(trainer.args.out)
     info = training_info(trainer, metrics)
     (out / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (out / "README.md").write_text(render_model_card(info, folder_size_mb(out)))
+    has_classifier = (out / CLASSIFIER_FILE).exists()
+    (out / "README.md").write_text(render_model_card(info, folder_size_mb(out), has_classifier))
 
 
 # ----------------------------------------------------------------------------- the run

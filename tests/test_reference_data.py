@@ -212,3 +212,22 @@ def test_reference_checkpoints_never_go_into_the_shipped_model(monkeypatch: pyte
     shipped = parse_args(["--out", "eval/reference_model", "--overwrite-shipped-model"])
     assert Path(shipped.ckpt_dir) == REPO_ROOT / "eval" / "reference_model_ckpt"
 
+
+
+def test_model_card_template_renders_the_shipped_card() -> None:
+    import json
+
+    from eval import REFERENCE_MODEL
+    from eval.reference_training import folder_size_mb, render_model_card
+
+    info = json.loads((REFERENCE_MODEL / "training_info.json").read_text())
+    card = render_model_card(info, folder_size_mb(REFERENCE_MODEL))
+    assert card == (REFERENCE_MODEL / "README.md").read_text()
+    # the recorded commands rebuild the shipped folder as the script is called now
+    assert all("--out eval/reference_model --overwrite-shipped-model" in c for c in info["commands"])
+    # without measurements, a stop by the time budget and without the classifier beside it
+    short = render_model_card({**info, "adherence": None, "stopped_early": True}, 1.0, has_classifier=False)
+    assert "Not measured (`--no-eval`)." in short and "| **held-out" not in short
+    assert "UNet 87.7). Training was stopped early by the time budget." in short
+    assert "`attribute_classifier.*`" not in short and "(fp32 safetensors). `training_info.json`" in short
+    assert "{" not in short and "<!--" not in short and "\n\n\n" not in short
