@@ -17,7 +17,7 @@ from .patch import (
     stored_config,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AgentSDConfig",
