@@ -115,7 +115,7 @@ def _transformer_blocks(
 
 def apply_patch(
     model: Any,
-    ratio: float = UNSET,
+    ratio: float | None = UNSET,
     *,
     config: AgentSDConfig | None = None,
     agent_ratio: float = UNSET,
@@ -153,7 +153,8 @@ def apply_patch(
             may be wrapped by ``torch.compile``, and ``compile_repeated_blocks`` may have been
             called before or after.
         ratio: share of the tokens merged away before attention (with ``reduction="pool"``: share
-            of the keys and values pooled away), in [0, 1); default 0.4.
+            of the keys and values pooled away), in [0, 1); default None: 0.4 with ``"merge"``,
+            0.75 with ``"pool"`` (keys and values pooled 2x2).
         config: settings to start from instead of the stored ones or the defaults, e.g.
             ``agentsd.load_config(lora_folder)`` for LoRA weights trained with AgentSD.
         agent_ratio: share of the tokens merged away to form the agents, in (0, 1); default 0.95
