@@ -48,16 +48,23 @@ class CellPool:
         """One token per cell: ``(B, h * w, C)`` to ``(B, gh * gw, C)``."""
         b, _, c = x.shape
         h, w, gh, gw = self.h, self.w, self.gh, self.gw
-        if self._exact:
-            cells = x.view(b, gh, h // gh, gw, w // gw, c)
-            pooled = cells.mean(dim=(2, 4)) if self.mode == "mean" else cells[:, :, 0, :, 0]
-            return pooled.reshape(b, gh * gw, c)
         grid = x.view(b, h, w, c).permute(0, 3, 1, 2)  # a channels-last view, no copy
-        if self.mode == "mean":
-            pooled = F.adaptive_avg_pool2d(grid, (gh, gw))
+        if self.mode == "mean":  # pooling kernels read channels-last in one pass
+            pooled = F.avg_pool2d(grid, (h // gh, w // gw)) if self._exact else F.adaptive_avg_pool2d(grid, (gh, gw))
+        elif self._exact:
+            pooled = grid[:, :, :: h // gh, :: w // gw]
         else:
             pooled = F.interpolate(grid, size=(gh, gw), mode="nearest")
         return pooled.permute(0, 2, 3, 1).reshape(b, gh * gw, c)
+
+    def add_unmerged(self, x: torch.Tensor, y: torch.Tensor, weight: float) -> torch.Tensor:
+        """``x + weight * unmerge(y)``, without building ``unmerge(y)`` when the cells tile the grid."""
+        if not self._exact:
+            return x + weight * self.unmerge(y)
+        b, _, c = x.shape
+        h, w, gh, gw = self.h, self.w, self.gh, self.gw
+        cells = x.view(b, gh, h // gh, gw, w // gw, c) + weight * y.view(b, gh, 1, gw, 1, c)
+        return cells.view(b, h * w, c)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """Every token gets its cell's pooled token: ``(B, gh * gw, C)`` to ``(B, h * w, C)``."""

@@ -40,7 +40,13 @@ class _WrappingProcessor:
     #: whether the wrapper computes the attention itself when it reduces (else its base does)
     computes_attention = False
 
-    def __init__(self, base: Any, block: "BlockState") -> None:
+    def __init__(self, base: Any = None, block: "BlockState | None" = None) -> None:
+        # diffusers rebuilds processors as ``type(processor)()`` (load_ip_adapter, unload_ip_adapter):
+        # with no arguments this is a plain processor until StepHook wraps it for its block
+        if base is None:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            base = AttnProcessor2_0()
         self.base = base
         self.block = block
         #: the attention module's children before patching (a processor that is an nn.Module
@@ -58,7 +64,7 @@ class _WrappingProcessor:
     ) -> torch.Tensor:
         if temb is not None:  # passed on only when given: not every processor takes it
             kwargs["temb"] = temb
-        merges = self.block.merges
+        merges = self.block.merges if self.block is not None else None
         if merges is not None:
             reason = self._unsupported(attn, hidden_states, merges, encoder_hidden_states, attention_mask)
             if reason is None:
@@ -150,10 +156,10 @@ class AgentSDAttnProcessor(_WrappingProcessor):
 
         out = out.transpose(1, 2).reshape(b, m, -1)
         if agents is not None and kv is not None:  # the official shortcut on the values at every query
-            out = out + config.k_shortcut * kv.unmerge(v.to(out.dtype))
+            out = kv.add_unmerged(out, v.to(out.dtype), config.k_shortcut)
         out = attn.to_out[1](attn.to_out[0](out.to(dtype)))
         out = out if tokens is None else tokens.unmerge(out)
-        return out / attn.rescale_output_factor
+        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
 
 def _project(attn: "Attention", base: Any, x: torch.Tensor, x_kv: torch.Tensor,
@@ -244,11 +250,20 @@ def unwrap(processor: Any) -> Any:
 
 
 def wrap(attn: "Attention", cls: type, block: "BlockState") -> None:
-    """Put a ``cls`` wrapper of ``block`` around the processor of ``attn``, unless one is there."""
+    """Put a ``cls`` wrapper of ``block`` around the processor of ``attn``, unless one is there or
+    the processor cannot run on merged tokens (IP-Adapter's masks and scales need every token)."""
     current = attn.processor
     if isinstance(current, cls) and current.block is block:
         return
     base = unwrap(current)
+    if not cls.computes_attention and type(base).__name__.startswith("IPAdapter"):
+        if base is not current:
+            restore(attn)
+        reason = f"{block.name}: merge_crossattn leaves its IP-Adapter cross-attention unmerged"
+        if reason not in block.state.reported:
+            block.state.reported.add(reason)
+            logger.warning("%s (its masks and scale apply to every token)", reason)
+        return
     wrapper = _with_signature(cls, base)(base, block)
     wrapper.module_order = list(attn._modules)
     attn.set_processor(wrapper)
