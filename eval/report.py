@@ -1,150 +1,169 @@
-"""Outputs of the FID benchmark: results.json, a markdown table, the FID-vs-time and
-fidelity-vs-time plots, the sample grid."""
+"""The reports of both harnesses: their rows (times, speed-ups, shares of the possible saving),
+one markdown-table writer, the description of how a table was measured, the result files, and
+reading result files back (those of earlier versions too, whose method names are mapped to
+today's). The plots are in :mod:`eval.plots`."""
 from __future__ import annotations
 
 import json
-import textwrap
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+from eval.methods import ALIASES, Method, parse_name
 
 
-def _fmt(value: float | None, spec: str, unit: str = "") -> str:
+def saving_share(t_base: float | None, t: float | None, t_bound: float | None,
+                 min_saving: float = 0.02) -> float | None:
+    """``(t_base - t) / (t_base - t_bound)``: the share of the possible saving reached. None when a
+    time is missing or the bound saves less than ``min_saving`` of ``t_base``: then there is
+    nothing to share, and the ratio would only magnify noise."""
+    if not (t_base and t and t_bound) or t_base - t_bound < min_saving * t_base:
+        return None
+    return (t_base - t) / (t_base - t_bound)
+
+
+def add_shares(rows: list[dict[str, Any]], time_key: str, group: str | None = None) -> list[dict[str, Any]]:
+    """Set every row's ``speedup`` over ``sd`` and ``saving_share`` (from its ``baseline`` to its
+    ``bound``), comparing only rows of the same ``group`` value (e.g. the image size)."""
+    for value in {r.get(group) for r in rows} if group else [None]:
+        same = [r for r in rows if group is None or r.get(group) == value]
+        times = {r["method"]: r[time_key] for r in same if r.get("ratio") is None}
+        for r in same:
+            t = r[time_key]
+            r["speedup"] = times["sd"] / t if times.get("sd") and t else None
+            r["saving_share"] = saving_share(times.get(r["baseline"]), t, times.get(r["bound"]))
+    return rows
+
+
+def _identity(m: Method) -> dict[str, Any]:
+    return dict(method=m.name, key=m.key, ratio=m.ratio, phase=m.phase, baseline=m.baseline, bound=m.bound)
+
+
+def latency_rows(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> list[dict[str, Any]]:
+    """One row per (size, method) of a latency run: median and minimum seconds per step, peak
+    memory, speed-up, share of the possible saving and, when compiled, the first call's seconds
+    and the graph breaks."""
+    rows = []
+    for size in sizes:
+        for m in methods:
+            entry = raw[str(size)][m.key]
+            rows.append(dict(size=size, **_identity(m), median_s=statistics.median(entry["seconds"]),
+                             min_s=min(entry["seconds"]), repeats=len(entry["seconds"]), peak_mb=entry["peak_mb"],
+                             first_call_s=entry.get("first_call_s"), graph_breaks=entry.get("graph_breaks")))
+    return add_shares(rows, "median_s", group="size")
+
+
+def fid_rows(state: Any, timings: list[Any], methods: list[Method], num_images: int, scores_adherence: bool,
+             clip_model: str | None = None) -> list[dict[str, Any]]:
+    """One row per method of an FID run: its metrics (fid, adherence, psnr and ssim against ``sd``,
+    the CLIP score of ``clip_model`` when given), seconds per image (summed batch times of all
+    processes / images: the device time an image costs), images per second (images / the
+    longest summed time of one process: the run's wall-clock throughput), speed-up and share of
+    the possible saving, peak memory (the largest of the processes), the compile report when
+    compiled, and the number of images."""
+    from eval.generation import COMPILE_MODES
+
+    rows = []
+    for m in methods:
+        entry = state.variant(m.key)
+        records = [t.data[m.key] for t in timings if m.key in t.data]
+        batch_seconds = {k: s for r in records for k, s in r["batch_seconds"].items()}
+        images = sum(int(k.split(":")[1]) - int(k.split(":")[0]) for k in batch_seconds)
+        longest = max((sum(r["batch_seconds"].values()) for r in records), default=0)
+        memory = [r["peak_memory_mb"] for r in records if r.get("peak_memory_mb") is not None]
+        row: dict[str, Any] = dict(
+            **_identity(m), fid=entry.get("fid"), psnr=entry.get("psnr"), ssim=entry.get("ssim"),
+            seconds_per_image=sum(batch_seconds.values()) / images if images else None,
+            images_per_second=images / longest if longest else None,
+            peak_memory_mb=max(memory, default=None), num_images=num_images if m.keeps_images else 0,
+        )
+        if scores_adherence and m.keeps_images:
+            row["adherence"] = entry.get("adherence", {}).get("all_correct")
+        if clip_model is not None and m.keeps_images:
+            row["clip_score"] = entry.get("clip_score", {}).get("score")
+        compiled = [r["compile"] for r in records if "compile" in r]
+        if compiled:
+            row.update(
+                compile_mode=COMPILE_MODES[max(COMPILE_MODES.index(c["mode"]) for c in compiled)],
+                compile_seconds=max(c["seconds"] for c in compiled),
+                graph_breaks=max(c["graph_breaks"] for c in compiled),
+                compiled_while_timed=sum(c["compiled_while_timed"] for c in compiled),
+                compile_errors={mode: e for c in compiled for mode, e in c["errors"].items()},
+            )
+        rows.append(row)
+    return add_shares(rows, "seconds_per_image")
+
+
+def fmt(value: float | None, spec: str, unit: str = "") -> str:
     return "–" if value is None else format(value, spec) + unit
 
 
-def markdown_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
-    """One line per variant: FID, adherence, PSNR and SSIM against ``sd``, CLIP score (each when
-    measured), seconds per image, speed-up over ``sd``, share of the possible saving, images per
-    second of the ``num_processes`` processes together, peak memory, the compile report (when
-    compiled) and number of images."""
+def _share(r: dict[str, Any]) -> str:
+    if r.get("saving_share") is None:
+        return "–"
+    between = "" if (r["baseline"], r["bound"]) == ("sd", "bound") else f" ({r['baseline']} -> {r['bound']})"
+    return fmt(100 * r["saving_share"], ".0f", " %") + between
 
-    def has(key: str) -> bool:
-        return any(r.get(key) is not None for r in rows)
 
-    optional = [column for column in (  # key, header, format, scale, unit
-        ("adherence", "adherence", ".1f", 100, " %"), ("psnr", "PSNR vs sd dB", ".2f", 1, ""),
-        ("ssim", "SSIM vs sd", ".4f", 1, ""), ("clip_score", "CLIP score", ".2f", 1, ""),
-    ) if has(column[0])]
-    compiled = has("compile_mode")
+Column = tuple[str, Callable[[dict[str, Any]], str]]
+
+
+def markdown_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
+    """``rows`` as a markdown table of ``columns`` (header, cell of a row)."""
+    lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows])
+
+
+def _phase_column(rows: list[dict[str, Any]]) -> list[Column]:
+    shown = any(r.get("phase") not in (None, "schedule") for r in rows)
+    return [("phase", lambda r: r.get("phase") or "–")] if shown else []
+
+
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    """The latency rows as a table (with first-call time and graph breaks when compiled)."""
+    columns: list[Column] = [
+        ("size", lambda r: str(r["size"])), ("method", lambda r: r["method"]), *_phase_column(rows),
+        ("ratio", lambda r: fmt(r["ratio"], "g")), ("median s/step", lambda r: f"{r['median_s']:.3f}"),
+        ("speed-up vs sd", lambda r: fmt(r["speedup"], ".2f", "x")), ("share of possible saving", _share),
+        ("peak memory MB", lambda r: f"{r['peak_mb']:.0f}"),
+    ]
+    if any(r.get("graph_breaks") is not None for r in rows):
+        columns += [("first call s (compiles)", lambda r: fmt(r.get("first_call_s"), ".1f")),
+                    ("graph breaks", lambda r: fmt(r.get("graph_breaks"), "d"))]
+    return markdown_table(rows, columns)
+
+
+def fid_table(rows: list[dict[str, Any]], num_processes: int = 1) -> str:
+    """The FID rows as a table: FID, adherence, PSNR and SSIM against ``sd``, CLIP score (each when
+    measured), seconds per image, speed-up, share of the possible saving, images per second of
+    the ``num_processes`` processes together, peak memory, the compile report and images."""
+    def metric(key: str, header: str, spec: str, scale: float = 1, unit: str = "") -> list[Column]:
+        if not any(r.get(key) is not None for r in rows):
+            return []
+        return [(header, lambda r: fmt(None if r.get(key) is None else scale * r[key], spec, unit))]
+
     plural = "es" if num_processes > 1 else ""
-    head = ["method", "ratio", "FID", *(name for _, name, *_ in optional), "s/image", "speed-up vs sd",
-            "share of possible saving", f"images/s ({num_processes} process{plural})", "peak memory MB",
-            *(["compiled", "compile s", "graph breaks"] if compiled else []), "images"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        share = None if r["saving_share"] is None else 100 * r["saving_share"]
-        cells = [
-            r["method"], _fmt(r["ratio"], "g"), _fmt(r["fid"], ".2f"),
-            *(_fmt(None if r.get(key) is None else scale * r[key], spec, unit)
-              for key, _, spec, scale, unit in optional),
-            _fmt(r["seconds_per_image"], ".4f"), _fmt(r["speedup"], ".2f", "x"), _fmt(share, ".0f", " %"),
-            _fmt(r["images_per_second"], ".2f"), _fmt(r["peak_memory_mb"], ".0f"),
-            *([r.get("compile_mode", "–"), _fmt(r.get("compile_seconds"), ".1f"), _fmt(r.get("graph_breaks"), "d")]
-              if compiled else []),
-            str(r["num_images"]),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    columns: list[Column] = [
+        ("method", lambda r: r["method"]), *_phase_column(rows), ("ratio", lambda r: fmt(r["ratio"], "g")),
+        ("FID", lambda r: fmt(r["fid"], ".2f")), *metric("adherence", "adherence", ".1f", 100, " %"),
+        *metric("psnr", "PSNR vs sd dB", ".2f"), *metric("ssim", "SSIM vs sd", ".4f"),
+        *metric("clip_score", "CLIP score", ".2f"),
+        ("s/image", lambda r: fmt(r["seconds_per_image"], ".4f")),
+        ("speed-up vs sd", lambda r: fmt(r["speedup"], ".2f", "x")),
+        ("share of possible saving", _share),
+        (f"images/s ({num_processes} process{plural})", lambda r: fmt(r["images_per_second"], ".2f")),
+        ("peak memory MB", lambda r: fmt(r["peak_memory_mb"], ".0f")),
+    ]
+    if any(r.get("compile_mode") for r in rows):
+        columns += [("compiled", lambda r: r.get("compile_mode", "–")),
+                    ("compile s", lambda r: fmt(r.get("compile_seconds"), ".1f")),
+                    ("graph breaks", lambda r: fmt(r.get("graph_breaks"), "d"))]
+    return markdown_table(rows, [*columns, ("images", lambda r: str(r["num_images"]))])
 
 
-def _plot_against_time(ax: Any, rows: list[dict[str, Any]], key: str, ylabel: str) -> None:
-    """``key`` against seconds per image on ``ax``, one curve per method (the same colour in every
-    plot), points labelled with the ratio; the bound (and ``sd`` where it has no value) as vertical lines."""
-    markers = (("sd", "*"), ("tomesd", "s"), ("agentsd", "o"), ("deepcache", "P"), ("tomesd+deepcache", "D"),
-               ("agentsd+deepcache", "X"))
-    for color, (method, marker) in enumerate(markers):
-        pts = sorted(((r["seconds_per_image"], r[key], r["ratio"]) for r in rows if r["method"] == method
-                      and r.get(key) is not None and np.isfinite(r[key]) and r["seconds_per_image"] is not None),
-                     key=lambda p: p[2] or 0)
-        if not pts:
-            continue
-        xs, ys, ratios = zip(*pts)
-        ax.plot(xs, ys, marker=marker, markersize=10 if method == "sd" else 6, color=f"C{color}", label=method)
-        for x, y, ratio in pts:
-            if ratio is not None:
-                ax.annotate(f"{ratio:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    sd = next((r for r in rows if r["method"] == "sd"), None)
-    if sd is not None and sd.get(key) is None and sd["seconds_per_image"] is not None:
-        ax.axvline(sd["seconds_per_image"], color="black", linestyle="--", label="sd (the reference)")
-    bound = next((r["seconds_per_image"] for r in rows if r["method"] == "bound"), None)
-    if bound is not None:
-        ax.axvline(bound, color="grey", linestyle=":", label="bound (patched attention free)")
-    cached_bound = next((r["seconds_per_image"] for r in rows if r["method"] == "bound+deepcache"), None)
-    if cached_bound is not None:
-        ax.axvline(cached_bound, color="grey", linestyle="-.", label="bound with DeepCache")
-    ax.set_xlabel("seconds per image")
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_fid_vs_time(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """FID against seconds per image, one curve per method, points labelled with the ratio
-    (the paper's Fig. 6a); the bound is a vertical line."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
-    _plot_against_time(ax, rows, "fid", "FID (lower is better)")
-    ax.set_title(textwrap.fill(title, 80), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def plot_fidelity_vs_time(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Same-seed fidelity to ``sd`` against seconds per image: PSNR (left) and SSIM (right), one
-    curve per method, points labelled with the ratio; ``sd`` (the reference) and the bound are
-    vertical lines."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
-    _plot_against_time(left, rows, "psnr", "PSNR vs sd, dB (higher is closer)")
-    _plot_against_time(right, rows, "ssim", "SSIM vs sd (higher is closer)")
-    fig.suptitle(textwrap.fill(title, 130), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def sample_grid(images: dict[str, np.ndarray], path: Path) -> None:
-    """A grid of samples, one row per variant (its key on the left), same seeds in each column."""
-    plt = _pyplot()
-    keys = list(images)
-    cols = max(len(v) for v in images.values())
-    fig, axes = plt.subplots(len(keys), cols, figsize=(1.1 * cols + 1.2, 1.1 * len(keys)), dpi=100,
-                             squeeze=False)
-    for row, key in enumerate(keys):
-        for col in range(cols):
-            ax = axes[row][col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            if col < len(images[key]):
-                ax.imshow(images[key][col])
-        axes[row][0].set_ylabel(key, rotation=0, ha="right", va="center", fontsize=8)
-    fig.subplots_adjust(left=1.1 / (1.1 * cols + 1.2), right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def write_results(rows: list[dict[str, Any]], setup: dict[str, Any], out: Path) -> None:
-    """``results.json`` (setup and rows) and ``results.md`` (a header line and the table)."""
-    (out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
-    (out / "results.md").write_text(describe(setup) + "\n\n" + markdown_table(rows, setup["num_processes"]) + "\n")
-
-
-def describe(setup: dict[str, Any]) -> str:
-    """One paragraph on how the table was measured."""
+def describe_fid(setup: dict[str, Any]) -> str:
+    """One paragraph on how an FID table was measured."""
     p, n = setup["protocol"], setup["num_processes"]
     compiled = (f"transformer blocks compiled ({setup['compile']}; compile time excluded from the timings, "
                 "reported apart); " if setup.get("compile") else "")
@@ -157,3 +176,44 @@ def describe(setup: dict[str, Any]) -> str:
         "time an image costs); images/s = images / the longest summed time of one process (the wall-clock "
         "throughput of the run); batches interleaved across methods."
     )
+
+
+def describe_latency(info: dict[str, Any]) -> str:
+    """One line on how a latency table was measured."""
+    compiled = "transformer blocks compiled (compile_repeated_blocks)" if info["compile"] else "eager"
+    fused = ", fused QKV projections (fuse_qkv_projections, FusedAttnProcessor2_0)" if info.get("fuse_qkv") else ""
+    return (f"{info['model']}, batch {info['batch']}, {compiled}{fused}, {info['dtype'].removeprefix('torch.')}, "
+            f"{info['machine']}; torch {info['torch']}; median of {info['repeats']} interleaved steps; AgentSD "
+            "rows in the phase shown, ToDo on at every step.")
+
+
+def write_fid_results(rows: list[dict[str, Any]], setup: dict[str, Any], out: Path) -> str:
+    """``results.json`` (setup and rows) and ``results.md`` (a header line and the table); returns the latter."""
+    (out / "results.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")
+    text = describe_fid(setup) + "\n\n" + fid_table(rows, setup["num_processes"]) + "\n"
+    (out / "results.md").write_text(text)
+    return text
+
+
+def write_latency_results(rows: list[dict[str, Any]], info: dict[str, Any], out: Path) -> str:
+    """``latency.json`` (the settings and rows) and ``latency.md``; returns the latter."""
+    (out / "latency.json").write_text(json.dumps({**info, "rows": rows}, indent=1) + "\n")
+    text = describe_latency(info) + "\n\n" + latency_table(rows) + "\n"
+    (out / "latency.md").write_text(text)
+    return text
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a ``results.json`` or ``latency.json``, also of earlier versions: old method
+    names become today's (``sdpa`` -> ``sd``, ``agentsd-agent`` -> ``agentsd`` in the agent phase,
+    ...), and rows without a baseline or bound get those of their method."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    for r in rows:
+        name = ALIASES.get(r["method"], r["method"])
+        spec, cached, pinned = parse_name(name)
+        r["method"] = name.partition(":")[0]
+        if "phase" not in r:  # earlier latency files timed the agent phase unless the name said otherwise
+            r["phase"] = pinned or (None if spec.agentsd is None else "agent" if "size" in r else "schedule")
+        r["baseline"] = "deepcache" if cached else "sd"
+        r.setdefault("bound", spec.bound + ("+deepcache" if cached else ""))
+    return rows

@@ -1,45 +1,47 @@
 #!/usr/bin/env python
-"""Time UNet steps of the SD1.5 architecture: SDPA vs tomesd vs AgentSD (agent and ToMe phases,
-and the agent phase with merge_crossattn / merge_mlp) vs bounds (the parts of the patched blocks
-that each variant merges returning zeros), side by side in one run.
+"""Time single UNet steps of the SD1.5 architecture (random weights) for every method side by
+side, interleaved repeat by repeat: SD, tomesd, ToDo, AgentSD (its agent or late phase, merged or
+pooled, with merge_crossattn / merge_mlp), DeepCache stacks, and the bounds (parts of the patched
+blocks returning zeros). Every method, option and output: docs/benchmarks.md.
 
-With --compile every method, SDPA included, runs with its transformer blocks compiled by
-``unet.compile_repeated_blocks(fullgraph=True)``; the compiling first call is untimed and reported
-on its own, with the graph breaks of each method.
+--compile compiles the transformer blocks of every method, sd included (compile_repeated_blocks,
+fullgraph=True, else with graph breaks, counted); the compiling first call is untimed and reported
+apart. --fuse-qkv fuses the attention projections of the UNet once (fuse_qkv_projections), for
+every method.
 
-Writes DIR/latency.md (markdown table), DIR/latency.json (summary rows and machine) and
+Writes DIR/latency.md (table), DIR/latency.json (settings and rows), DIR/latency.png and
 DIR/raw.json (every sample; a rerun resumes from it).
+
+Examples:
+  python scripts/benchmark_latency.py --sizes 512
+  python scripts/benchmark_latency.py --sizes 512 --methods sd agentsd agentsd:late bound --ratios 0.2 0.4
+  python scripts/benchmark_latency.py --sizes 1024 --fuse-qkv --out runs/latency-fused
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from eval import cli  # noqa: E402
+from eval.latency import DEFAULT_METHODS, PHASES  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="image sizes in px (default: 512 768)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
-    p.add_argument("--methods", nargs="+", default=None,
-                   help="methods to time: sdpa tomesd agentsd-agent agentsd-tome bound agentsd-agent-xattn "
-                        "bound-xattn agentsd-agent-mlp bound-mlp deepcache tomesd+deepcache "
-                        "agentsd-agent+deepcache bound+deepcache (default: all but the deepcache ones)")
-    p.add_argument("--deepcache-interval", type=int, default=3,
-                   help="DeepCache: a full UNet every N steps; the *deepcache rows time one such cycle "
-                        "and report its mean step (default: 3)")
-    p.add_argument("--deepcache-branch", type=int, default=0, help="DeepCache cache_branch_id (default: 0)")
+    cli.add_method_arguments(p, list(DEFAULT_METHODS), list(PHASES), off_after=False)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per method and size (default: 5)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = one image with guidance (default: 2)")
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
-                   help="default: fp16 on CUDA, fp32 on CPU")
+    cli.add_device_arguments(p, None, "cuda if available, else cpu")
     p.add_argument("--compile", action="store_true",
                    help="compile the transformer blocks of every method (compile_repeated_blocks)")
+    p.add_argument("--fuse-qkv", action="store_true",
+                   help="fuse the attention projections once before timing (fuse_qkv_projections; SDPA then "
+                        "runs FusedAttnProcessor2_0), for every method")
     p.add_argument("--out", type=Path, default=None,
                    help="output folder (default: runs/latency, or runs/latency-compiled with --compile)")
     p.add_argument("--fresh", action="store_true", help="discard samples of an earlier run in --out")
@@ -50,10 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--sizes must be positive multiples of 64, got {args.sizes}")
     if any(not 0 <= r < 1 for r in args.ratios):
         p.error(f"--ratios must be in [0, 1), got {args.ratios}")
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    if args.deepcache_interval < 1 or args.deepcache_branch < 0:
-        p.error("--deepcache-interval must be >= 1 and --deepcache-branch >= 0")
+    if args.repeats < 1 or args.batch < 1:
+        p.error("--repeats and --batch must be >= 1")
+    cli.check_device(p, args.device)
+    args.options = cli.method_options(p, args)
     return args
 
 
@@ -62,19 +64,17 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from eval.latency import (
-        METHODS, SD15_UNET_CONFIG, SettingsMismatch, build_methods, markdown_table, run_benchmark, summarize,
-    )
+    from eval import plots, report
+    from eval.latency import SD15_UNET_CONFIG, SettingsMismatch, run_benchmark
+    from eval.methods import build_methods, per_step
+    from eval.runtime import DTYPES, dtype_name, machine_name
 
     try:
-        default = [m for m in METHODS if not m.endswith("deepcache")]
-        deepcache = dict(cache_interval=args.deepcache_interval, cache_branch_id=args.deepcache_branch)
-        methods = build_methods(args.methods or default, args.ratios, deepcache)
+        methods = build_methods(args.methods, args.ratios, per_step(args.options))
     except ValueError as e:
-        sys.exit(f"error: {e}")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[
-        args.dtype or ("fp16" if args.device.startswith("cuda") else "fp32")
-    ]
+        sys.exit(f"benchmark_latency.py: error: {e}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[dtype_name(args.dtype, device)]
     args.out.mkdir(parents=True, exist_ok=True)
     raw_path = args.out / "raw.json"
     if args.fresh and raw_path.exists():
@@ -82,27 +82,22 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
-    if (args.device, dtype) != ("cpu", torch.float32):
-        unet.to(device=args.device, dtype=dtype)
-    machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
-               else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
-    print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {machine}, "
+    if (device.type, dtype) != ("cpu", torch.float32):
+        unet.to(device=device, dtype=dtype)
+    info = dict(model="SD1.5-architecture UNet, random weights", machine=machine_name(device), dtype=str(dtype),
+                torch=torch.__version__, batch=args.batch, repeats=args.repeats, compile=args.compile,
+                fuse_qkv=args.fuse_qkv, methods={m.key: m.settings() for m in methods})
+    print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {info['machine']}, "
           f"{str(dtype).removeprefix('torch.')}, batch {args.batch}")
     try:
-        raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path, compile=args.compile)
+        raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path, compile=args.compile,
+                            fuse_qkv=args.fuse_qkv)
     except SettingsMismatch as e:
-        sys.exit(f"error: {e}")
-    rows = summarize(raw, methods, args.sizes)
-    header = (f"SD1.5-architecture UNet, random weights, batch {args.batch}, "
-              f"{'transformer blocks compiled (compile_repeated_blocks), ' if args.compile else 'eager, '}"
-              f"{str(dtype).removeprefix('torch.')}, {machine}; torch {torch.__version__}; "
-              f"median of {args.repeats} interleaved steps.")
-    table = header + "\n\n" + markdown_table(rows) + "\n"
-    (args.out / "latency.md").write_text(table)
-    (args.out / "latency.json").write_text(
-        json.dumps(dict(machine=machine, dtype=str(dtype), compile=args.compile, rows=rows), indent=1)
-    )
-    print(table)
+        sys.exit(f"benchmark_latency.py: error: {e}")
+    rows = report.latency_rows(raw, methods, args.sizes)
+    text = report.write_latency_results(rows, info, args.out)
+    plots.plot_latency(rows, args.out / "latency.png", title=report.describe_latency(info))
+    print(text)
 
 
 if __name__ == "__main__":

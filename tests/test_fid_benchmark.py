@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
-from torch._dynamo.utils import counters
 
-from eval import fid_benchmark as fb
+from eval import generation, protocols, runtime
+from eval.methods import build_methods, table_order
+from eval.store import ImageStore, Timings, timings_path
 import fid_helpers
-import tiny
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark_fid.py"
 
@@ -99,8 +98,6 @@ def test_generation_and_metrics_can_run_on_different_machines(model_dir, tmp_pat
     """--skip-metrics generates only (e.g. on a GPU without the FID network); the same command
     later computes the metrics without loading the model; resuming generation on another
     machine is refused, since the timings would mix."""
-    import scripts.benchmark_fid as script
-
     out = tmp_path / "run"
     args = ["--model", str(model_dir), "--num-images", "2", "--methods", "sd", "--no-bound", "--steps", "2",
             "--batch-size", "2", "--out", str(out)]
@@ -112,14 +109,14 @@ def test_generation_and_metrics_can_run_on_different_machines(model_dir, tmp_pat
         raise AssertionError("a finished generation must not load the model")
 
     with monkeypatch.context() as m:
-        m.setattr(script, "load_pipeline", no_model)
+        m.setattr(generation, "load_pipeline", no_model)
         run(*args)
     results = json.loads((out / "results.json").read_text())
     assert results["setup"]["machine"] == generated_with["machine"]
     assert np.isfinite(results["rows"][0]["fid"])
 
     (out / "images" / "sd" / "00001.png").unlink()
-    monkeypatch.setattr(fb, "machine_name", lambda device: "another machine")
+    monkeypatch.setattr(runtime, "machine_name", lambda device: "another machine")
     with pytest.raises(SystemExit, match="timings would mix"):
         run(*args)
 
@@ -147,7 +144,10 @@ def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out, runs/fid_quick, is then the test's own
     (tmp_path / "not_a_pipeline").mkdir()
     assert "cannot load --model" in error_of(capsys, "--model", str(tmp_path / "not_a_pipeline"))
-    assert "unknown method(s) sdxl" in error_of(capsys, "--methods", "sd", "sdxl")
+    assert "unknown method 'sdxl'" in error_of(capsys, "--methods", "sd", "sdxl")
+    assert "--todo-factor" in error_of(capsys, "--todo-factor", "0.5")
+    assert "--todo-off-after" in error_of(capsys, "--todo-off-after", "0")
+    assert "--deepcache-interval must be >= 1" in error_of(capsys, "--deepcache-interval", "0")
     assert "ratios must be in [0, 1)" in error_of(capsys, "--ratios", "0.4", "1.5")
     assert "--ratios: invalid float value" in error_of(capsys, "--ratios", "half")
     assert "--size must be a positive multiple of 8" in error_of(capsys, "--size", "60")
@@ -171,34 +171,39 @@ def test_bad_inputs_give_their_errors(model_dir, tmp_path, capsys, monkeypatch):
 def test_reference_images_are_cropped_and_resized(tmp_path):
     Image.new("RGB", (40, 20), (255, 0, 0)).save(tmp_path / "a.png")
     Image.new("RGB", (10, 30), (0, 0, 255)).save(tmp_path / "sub.jpg")
-    files = fb.reference_files(tmp_path)
-    images = fb.load_reference_images(files, size=16)
+    files = protocols.reference_files(tmp_path)
+    images = protocols.load_reference_images(files, size=16)
     assert images.shape == (2, 16, 16, 3) and images[0, 8, 8, 0] == 255 and images[1, 8, 8, 2] > 250
 
 
 def test_protocols():
-    paper = fb.paper_protocol()
+    paper = protocols.paper_protocol()
     assert len(paper.prompts) == 2000 and len(set(paper.prompts)) == 998  # two class names repeat in ImageNet
     assert paper.prompts[0] == paper.prompts[1000] == "A high quality photograph of a tench."
     assert (paper.height, paper.num_inference_steps, paper.guidance_scale) == (512, 50, 7.5)
-    shapes = fb.shapes_protocol(6, steps=5, guidance=4.0, seed=3)
+    shapes = protocols.shapes_protocol(6, steps=5, guidance=4.0, seed=3)
     assert shapes.seeds == (3, 4, 5, 6, 7, 8) and shapes.scores_adherence
-    assert shapes.prompts == fb.shapes_protocol(6, 5, 4.0, seed=3).prompts
+    assert shapes.prompts == protocols.shapes_protocol(6, 5, 4.0, seed=3).prompts
     from eval.shapes import parse_caption, render
 
-    real = fb.shapes_real_images(6, seed=3)
+    real = protocols.shapes_real_images(6, seed=3)
     attrs = parse_caption(shapes.prompts[0])
     assert real.shape == (6, 64, 64, 3)
     assert tuple(real[0, 1, 1]) == tuple(np.asarray(render(attrs))[1, 1])  # the background of the caption
 
 
-def test_variants_validate_methods_and_ratios():
-    keys = [v.key for v in fb.build_variants(["agentsd", "sd"], [0.2, 0.4])]
+def test_methods_are_ordered_with_their_bounds_and_validated():
+    keys = [m.key for m in table_order(build_methods(["agentsd", "sd"], [0.2, 0.4]))]
     assert keys == ["sd", "agentsd@0.2", "agentsd@0.4", "bound"]
+    keys = [m.key for m in table_order(build_methods(["agentsd-mlp", "todo", "agentsd-pool+deepcache"], [0.4]))]
+    assert keys == ["todo", "agentsd-mlp@0.4", "agentsd-pool+deepcache@0.4", "bound", "bound-mlp", "bound+deepcache"]
+    assert [m.key for m in table_order(build_methods(["todo", "sd"], []), bounds=False)] == ["sd", "todo"]
     with pytest.raises(ValueError, match="unknown method"):
-        fb.build_variants(["fast"], [0.4])
+        build_methods(["fast"], [0.4])
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
-        fb.build_variants(["agentsd"], [-0.1])
+        build_methods(["agentsd"], [-0.1])
+    with pytest.raises(ValueError, match="agentsd needs at least one ratio"):
+        build_methods(["agentsd"], [])
 
 
 def test_compiled_run_reports_compile_time_apart_and_agentsd_traces_as_one_graph(model_dir, tmp_path, fresh_dynamo):
@@ -228,28 +233,31 @@ def test_a_method_that_does_not_compile_runs_eagerly_and_is_reported(model_dir, 
 
     from diffusers import StableDiffusionPipeline
 
-    variants = fb.build_variants(["agentsd"], [0.4], bound=False)
-    protocol = fb.shapes_protocol(2, steps=2, guidance=3.0, size=32)
+    methods = build_methods(["agentsd"], [0.4])
+    protocol = protocols.shapes_protocol(2, steps=2, guidance=3.0, size=32)
     images = {}
     for name, backend in (("eager", None), ("broken", broken)):
-        fb.generate_all(lambda: StableDiffusionPipeline.from_pretrained(model_dir), variants, protocol,
-                        tmp_path / name, 2, {"compile": name}, progress=False, compile_backend=backend)
-        images[name] = fb.ImageStore(tmp_path / name / "images").load("agentsd@0.4", 2)
-    report = fb.Timings(fb.timings_path(tmp_path / "broken", 0)).data["agentsd@0.4"]["compile"]
+        generation.generate_all(lambda: StableDiffusionPipeline.from_pretrained(model_dir), methods, protocol,
+                                tmp_path / name, 2, {"compile": name}, progress=False, compile_backend=backend)
+        images[name] = ImageStore(tmp_path / name / "images").load("agentsd@0.4", 2)
+    report = Timings(timings_path(tmp_path / "broken", 0)).data["agentsd@0.4"]["compile"]
     assert report["mode"] == "eager"
     assert all("no compiler here" in report["errors"][mode] for mode in ("fullgraph", "graph breaks")), report
     np.testing.assert_array_equal(images["broken"], images["eager"])
 
 
 def test_deepcache_rows_with_their_own_bound(model_dir, tmp_path):
-    keys = [v.key for v in fb.build_variants(["sd", "deepcache", "agentsd+deepcache"], [0.4])]
+    keys = [m.key for m in table_order(build_methods(["sd", "deepcache", "agentsd+deepcache"], [0.4]))]
     assert keys == ["sd", "deepcache", "agentsd+deepcache@0.4", "bound", "bound+deepcache"]
     out = tmp_path / "run"
     run("--model", str(model_dir), "--methods", "sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache",
         "--num-images", "2", "--ratios", "0.4", "--steps", "6", "--batch-size", "2", "--size", "32",
         "--deepcache-interval", "2", "--out", str(out))
     results = json.loads((out / "results.json").read_text())
-    assert results["setup"]["deepcache"] == {"cache_interval": 2, "cache_branch_id": 0}
+    recorded = results["setup"]["methods"]
+    assert recorded["deepcache"]["deepcache"] == recorded["bound+deepcache"]["deepcache"] == {
+        "cache_interval": 2, "cache_branch_id": 0}
+    assert "deepcache" not in recorded["agentsd@0.4"]
     rows = {r["method"]: r for r in results["rows"]}
     assert set(rows) == {"sd", "agentsd", "deepcache", "tomesd+deepcache", "agentsd+deepcache", "bound",
                          "bound+deepcache"}
@@ -258,3 +266,38 @@ def test_deepcache_rows_with_their_own_bound(model_dir, tmp_path):
     assert not np.array_equal(images["deepcache"], images["sd"])  # DeepCache was on
     assert not np.array_equal(images["both"], images["deepcache"])  # and AgentSD on top of it
     assert rows["deepcache"]["psnr"] is not None and rows["bound+deepcache"]["num_images"] == 0
+
+
+def test_todo_and_pooled_agentsd_rows_record_their_settings_and_folders_take_more_methods(model_dir, tmp_path):
+    """todo and agentsd-pool run like the other rows; a folder takes more methods later, but a
+    method recorded with other settings (ToDo's off step here) is refused."""
+    out = tmp_path / "run"
+    common = ["--model", str(model_dir), "--num-images", "2", "--ratios", "0.4", "--steps", "5", "--batch-size", "2",
+              "--size", "32", "--out", str(out)]
+    run(*common, "--methods", "sd", "todo", "--todo-off-after", "0.6", "--skip-metrics")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images" / "todo").glob("*.png")}
+    run(*common, "--methods", "sd", "todo", "agentsd-pool", "--todo-off-after", "0.6")
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "images" / "todo").glob("*.png")} == before
+    results = json.loads((out / "results.json").read_text())
+    recorded = results["setup"]["methods"]
+    assert recorded["todo"] == {"factor": 2.0, "mode": "nearest", "off_after": 0.6, "max_downsample": None}
+    assert recorded["agentsd-pool@0.4"] == {"ratio": 0.4, "reduction": "pool", "agent_fraction": 0.4}
+    rows = {r["key"]: r for r in results["rows"]}
+    assert set(rows) == {"sd", "todo", "agentsd-pool@0.4", "bound"}
+    for key in ("todo", "agentsd-pool@0.4"):  # they act, and start from sd's noise
+        assert 10 < rows[key]["psnr"] < np.inf and rows[key]["bound"] == "bound", key
+    with pytest.raises(SystemExit, match="other settings.*todo.*'off_after': 0.6.*'off_after': 0.8"):
+        run(*common, "--methods", "sd", "todo")
+
+
+def test_result_files_of_earlier_versions_still_give_tables_and_plots(tmp_path):
+    from eval import plots
+    from eval.report import fid_table, read_rows
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    rows = {r["method"]: r for r in read_rows(docs / "fid_cpu_deepcache" / "results.json")}
+    assert rows["agentsd+deepcache"]["baseline"] == "deepcache" and rows["agentsd"]["phase"] == "schedule"
+    table = fid_table(list(rows.values()))
+    assert "| agentsd+deepcache | 0.4 |" in table and "(deepcache -> bound+deepcache)" in table
+    plots.plot_fid_vs_time(list(rows.values()), tmp_path / "fid.png")
+    assert (tmp_path / "fid.png").stat().st_size > 0
