@@ -70,15 +70,17 @@ def test_shares_run_from_each_rows_baseline_to_its_own_bound():
 
 def test_merge_variants_have_their_own_bounds_and_compiled_runs_count_breaks(tmp_path, fresh_dynamo):
     unet = tiny.unet("sd1")
-    names = ["sd", "tomesd", "agentsd", "agentsd-xattn", "bound-xattn", "agentsd-mlp", "bound-mlp"]
-    methods = build_methods(names, [0.4], Options(phase="agent"))
+    names = ["sd", "tomesd", "todo", "agentsd", "agentsd-pool", "agentsd-xattn", "bound-xattn", "agentsd-mlp",
+             "bound-mlp"]
+    methods = build_methods(names, [0.4], per_step(Options(phase="agent")))
     processors = dict(unet.attn_processors)
     ff = [m.ff for m in unet.modules() if hasattr(m, "ff")]
     raw = run_benchmark(unet, [128], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json", compile=True,
                         backend="aot_eager", **QUIET)
     rows = {r["method"]: r for r in latency_rows(raw, methods, [128])}
     assert rows["agentsd-xattn"]["bound"] == "bound-xattn" and rows["agentsd-mlp"]["bound"] == "bound-mlp"
-    assert rows["agentsd"]["graph_breaks"] == 0 and raw["128"]["agentsd@0.4:agent"]["fullgraph"]
+    for key in ("agentsd@0.4:agent", "agentsd-pool@0.4:agent", "todo"):  # one graph each
+        assert raw["128"][key]["graph_breaks"] == 0 and raw["128"][key]["fullgraph"], key
     assert rows["tomesd"]["graph_breaks"] > 0 and not raw["128"]["tomesd@0.4"]["fullgraph"]  # its torch.Generator
     assert "graph breaks" in latency_table(list(rows.values()))
     # every method was switched off again
