@@ -260,16 +260,30 @@ def build_methods(names: Iterable[str], ratios: Iterable[float], options: Option
         raise ValueError(f"ratios must be in [0, 1), got {', '.join(f'{r:g}' for r in bad)}")
     methods: dict[str, Method] = {}
     for name in names:
+        head, colon, phase = name.partition(":")  # agentsd-pool@0.75[:late]: a row at its own ratio
+        head, _, pinned = head.partition("@")
+        name = head + colon + phase
         spec, cached, phase = parse_name(name, notify)
-        if spec.has_ratio and not ratios:
+        own = _pinned_ratio(name, pinned, spec) if pinned else None
+        if spec.has_ratio and not ratios and own is None:
             raise ValueError(f"{spec.name} needs at least one ratio")
-        for ratio in ratios if spec.has_ratio else [None]:
+        for ratio in ([own] if own is not None else ratios) if spec.has_ratio else [None]:
             m = Method(spec, ratio, (phase or options.phase) if spec.agentsd is not None else None,
                        options.deepcache if cached else None, options.todo if spec.name == "todo" else None)
             methods.setdefault(m.key, m)
     if not methods:
         raise ValueError("no method to compare")
     return list(methods.values())
+
+
+def _pinned_ratio(name: str, text: str, spec: Spec) -> float:
+    try:
+        ratio = float(text)
+    except ValueError:
+        raise ValueError(f"method {name}@{text}: the ratio after @ must be a number") from None
+    if not spec.has_ratio or not 0 <= ratio < 1:
+        raise ValueError(f"method {name}@{text}: only methods with a ratio take @ratio, in [0, 1)")
+    return ratio
 
 
 def table_order(methods: list[Method], bounds: bool = True) -> list[Method]:

@@ -83,3 +83,14 @@ def test_pooled_agentsd_differs_from_merged_agentsd_and_from_sd():
         m.remove(unet)
     assert not torch.equal(outputs["agentsd-pool"], outputs["sd"])
     assert not torch.equal(outputs["agentsd-pool"], outputs["agentsd"])
+
+
+def test_a_row_can_pin_its_own_ratio():
+    keys = [m.key for m in build_methods(["sd", "agentsd", "agentsd-pool@0.75", "agentsd-pool+deepcache@0.75:late"],
+                                         [0.4])]
+    assert keys == ["sd", "agentsd@0.4", "agentsd-pool@0.75", "agentsd-pool+deepcache@0.75:late"]
+    assert [m.key for m in build_methods(["agentsd-pool@0.75"], [])] == ["agentsd-pool@0.75"]
+    with pytest.raises(ValueError, match="only methods with a ratio take @ratio"):
+        build_methods(["sd@0.3"], [0.4])
+    with pytest.raises(ValueError, match="must be a number"):
+        build_methods(["agentsd@x"], [0.4])
