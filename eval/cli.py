@@ -1,14 +1,15 @@
 """What the two command lines share: a parser whose errors are one line, the method options
-(``--methods``, DeepCache's and ToDo's settings, the AgentSD phase), device and dtype."""
+(``--methods``, DeepCache's, ToDo's and the peers' settings, the AgentSD phase), device and dtype."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
 from eval.methods import ALIASES, NAMES, PHASES, DeepCacheSettings, Options
+from eval.peers import CA_TOME_CONFIGS, CAToMeSettings, TGateSettings
 from eval.todo import MODES, ToDoSettings
 
-_TODO = ToDoSettings()
+_TODO, _TGATE, _CATOME = ToDoSettings(), TGateSettings(), CAToMeSettings()
 
 
 class Parser(argparse.ArgumentParser):
@@ -22,10 +23,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_method_arguments(p: argparse.ArgumentParser, default: list[str], phases: list[str],
-                         off_after: bool) -> None:
+                         off_after: bool, whole_calls: bool = False) -> None:
     """``--methods`` (default ``default``), ``--phase`` (choices ``phases``, when more than one),
-    DeepCache's and ToDo's settings (``--todo-off-after`` only if ``off_after``: a harness that
-    times single steps runs ToDo on every step)."""
+    DeepCache's, ToDo's and CA-ToMe's settings (``--todo-off-after`` only if ``off_after``: a
+    harness that times single steps runs ToDo on every step), and T-GATE's if ``whole_calls``
+    (a harness that runs whole pipeline calls)."""
     p.add_argument("--methods", nargs="+", default=default, metavar="METHOD",
                    help=f"methods to compare: {' '.join(NAMES)}, agentsd-xattn+deepcache, ... "
                         f"(<method>+deepcache for any method); an AgentSD method may name its phase, e.g. "
@@ -49,6 +51,22 @@ def add_method_arguments(p: argparse.ArgumentParser, default: list[str], phases:
     p.add_argument("--todo-max-downsample", type=int, default=None,
                    help="ToDo: the deepest level patched, as its downsampling factor (1, 2, 4, ...; "
                         "default: the highest level with attention, 1 on SD 1.x/2.x)")
+    if whole_calls:
+        p.add_argument("--tgate-gate-step", type=int, default=_TGATE.gate_step,
+                       help="T-GATE: the step from which cross-attention is cached and guidance's text half dropped "
+                            "(default: 10, T-GATE's value at 25 steps)")
+        p.add_argument("--tgate-sp-interval", type=int, default=None,
+                       help="T-GATE: self-attention recomputed every N steps before the gate (default: 5; 1 with "
+                            "DeepCache: T-GATE's loaders' defaults)")
+        p.add_argument("--tgate-fi-interval", type=int, default=_TGATE.fi_interval,
+                       help="T-GATE: self-attention recomputed every N steps after the gate (default: 1)")
+        p.add_argument("--tgate-warm-up", type=int, default=None,
+                       help="T-GATE: steps before self-attention is first cached (default: 2; 0 with DeepCache)")
+    p.add_argument("--catome-config", choices=CA_TOME_CONFIGS, default=_CATOME.config,
+                   help="CA-ToMe: the cache configuration, the steps that recompute the match (default: CONFIG_3, "
+                        "its best in its README)")
+    p.add_argument("--catome-threshold", type=float, default=_CATOME.threshold,
+                   help="CA-ToMe: cosine similarity above which tokens merge, in [-1, 1] (default: 0.7)")
 
 
 def method_options(p: argparse.ArgumentParser, args: Any, phase: str = "schedule") -> Options:
@@ -58,11 +76,14 @@ def method_options(p: argparse.ArgumentParser, args: Any, phase: str = "schedule
                             off_after=getattr(args, "todo_off_after", _TODO.off_after),
                             max_downsample=args.todo_max_downsample)
         deepcache = DeepCacheSettings(args.deepcache_interval, args.deepcache_branch)
+        tgate = TGateSettings(*(getattr(args, f"tgate_{k}", getattr(_TGATE, k))
+                                for k in ("gate_step", "sp_interval", "fi_interval", "warm_up")))
+        catome = CAToMeSettings(args.catome_config, args.catome_threshold)
     except ValueError as e:
         p.error(str(e))
     phase = getattr(args, "phase", phase)
     assert phase in PHASES
-    return Options(phase=phase, deepcache=deepcache, todo=todo)
+    return Options(phase=phase, deepcache=deepcache, todo=todo, tgate=tgate, catome=catome)
 
 
 def add_device_arguments(p: argparse.ArgumentParser, default: str | None, help_default: str) -> None:

@@ -14,6 +14,11 @@ interleaves its batches across the methods. A bound keeps no images and may be t
 first batches only. With a compile backend every method runs with the UNet's transformer blocks
 compiled (``fullgraph=True``, else with graph breaks, else eager, each reported); compilation
 happens in untimed warm-up calls at every batch size, reported apart.
+
+A method that wraps the whole pipeline call (T-GATE's ``pipe.tgate``) is called in place of
+``pipe``, with the same arguments. A method that does not run here (a peer that does not import, or
+fails on this torch or diffusers) is no crash: the first line of its error is kept in the timings
+file of its process (``error``), the other methods go on, and a rerun tries it again.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from torch._dynamo.utils import counters
 
 from eval import runtime
 from eval.methods import Method
+from eval.peers import failure
 from eval.protocols import Protocol
 from eval.store import ImageStore, State, Timings, process_timings, timings_path
 
@@ -56,14 +62,16 @@ def load_pipeline(model: str, device: torch.device | str, dtype: torch.dtype) ->
     return pipe.to(device)
 
 
-def generate(pipe: Any, protocol: Protocol, start: int, stop: int, steps: int | None = None) -> np.ndarray:
-    """Images ``start:stop`` of ``protocol`` as uint8 ``(n, H, W, 3)``."""
+def generate(pipe: Any, protocol: Protocol, start: int, stop: int, steps: int | None = None,
+             call: Callable[..., Any] | None = None) -> np.ndarray:
+    """Images ``start:stop`` of ``protocol`` as uint8 ``(n, H, W, 3)``, by ``call`` (default:
+    ``pipe``; a method's wrapper of the whole call, :meth:`Method.call`)."""
     device = pipe.unet.device
     generators = [torch.Generator(device).manual_seed(s) for s in protocol.seeds[start:stop]]
     # tomesd forks its dst generator from the global RNG on its first call after apply_patch:
     # seeding it here makes the batch's images depend on the batch only, not on what ran before
     torch.manual_seed(protocol.seeds[start])
-    out = pipe(
+    out = (call or pipe)(
         prompt=list(protocol.prompts[start:stop]), height=protocol.height, width=protocol.width,
         num_inference_steps=steps or protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
         generator=generators, output_type="np",
@@ -98,7 +106,7 @@ class Runner:
 
     def generate(self, m: Method, start: int, stop: int, steps: int | None = None) -> np.ndarray:
         with self.running(m):
-            return generate(self.pipe, self.protocol, start, stop, steps)
+            return generate(self.pipe, self.protocol, start, stop, steps, m.call(self.pipe))
 
     def compile(self, m: Method, batches: list[tuple[int, int]], steps: int) -> dict[str, Any]:
         """Compile ``m`` by generating each of ``batches`` (one per batch size) with ``steps``
@@ -152,6 +160,13 @@ def generate_all(load: Callable[[], Any], methods: list[Method], protocol: Proto
 
     todo = [(i, b, m) for i, b in enumerate(batches) for m in methods
             if not done(m, *b) and (m.keeps_images or bound_batches is None or i < bound_batches)]
+    record = Timings(timings_path(out, rank))
+    missing = {m.key: reason for m in {m.key: m for _, _, m in todo}.values() if (reason := m.unavailable())}
+    for key, reason in missing.items():  # a row with its reason, before any model is loaded
+        record.variant(key)["error"] = reason
+    if missing:
+        record.save()
+        todo = [t for t in todo if t[2].key not in missing]
     if not todo:
         return state
     pipe = load()  # every process loads and checks, even one whose shard is done, so that all stop alike
@@ -169,8 +184,8 @@ def generate_all(load: Callable[[], Any], methods: list[Method], protocol: Proto
     mine = [(b, m) for i, b, m in todo if i % size == rank]
     if mine:
         with torch._dynamo.config.patch(automatic_dynamic_shapes=False):  # one static graph per batch size
-            _generate_shard(pipe, methods, protocol, mine, store, Timings(timings_path(out, rank)),
-                            compile_backend, progress and rank == 0, f"generate (process {rank} of {size})")
+            _generate_shard(pipe, methods, protocol, mine, store, record, compile_backend, progress and rank == 0,
+                            f"generate (process {rank} of {size})")
     if size > 1:
         process.wait_for_everyone()
     return state
@@ -188,7 +203,8 @@ def _gather(process: Any, obj: Any) -> list[Any]:
 def _generate_shard(pipe: Any, methods: list[Method], protocol: Protocol, todo: list[tuple[tuple[int, int], Method]],
                     store: ImageStore, record: Timings, compile_backend: str | Any | None, progress: bool,
                     desc: str) -> None:
-    """One process's batches: warm-up (and compilation), then the timed batches in order."""
+    """One process's batches: warm-up (and compilation), then the timed batches in order. A method
+    that raises is left with its error (:func:`eval.peers.failure`) and without its other batches."""
     from tqdm.auto import tqdm
 
     pipe.set_progress_bar_config(disable=True)
@@ -200,23 +216,37 @@ def _generate_shard(pipe: Any, methods: list[Method], protocol: Protocol, todo: 
         if not own:
             continue
         entry = record.variant(m.key)
-        if compile_backend is not None:  # every batch size once, so that no timed batch compiles
-            entry["compile"] = runner.compile(m, list({stop - start: (start, stop) for start, stop in own}.values()),
-                                              warm_steps)
-        with runner.running(m), runtime.PeakMemory(pipe.unet.device) as mem:  # a batch size it was compiled for
-            generate(pipe, protocol, *own[0], steps=warm_steps)
+        try:
+            if compile_backend is not None:  # every batch size once, so that no timed batch compiles
+                entry["compile"] = runner.compile(
+                    m, list({stop - start: (start, stop) for start, stop in own}.values()), warm_steps)
+            with runner.running(m), runtime.PeakMemory(pipe.unet.device) as mem:  # a size it was compiled for
+                generate(pipe, protocol, *own[0], steps=warm_steps, call=m.call(pipe))
+        except Exception as err:  # noqa: BLE001 - a method that does not run here is a row with its reason
+            entry["error"] = failure(err)
+            continue
+        entry.pop("error", None)
         entry.setdefault("peak_memory_mb", mem.peak_mb)
     record.save()
     bar = tqdm(total=len(todo), desc=desc, unit="batch", disable=not progress)
     for (start, stop), m in todo:
         bar.set_postfix_str(f"{m.key} images {start}-{stop - 1}")
+        bar.update(1)
+        if "error" in record.variant(m.key):
+            continue
         graphs = counters["stats"]["unique_graphs"]
-        with runner.running(m):
-            _synchronize(pipe)
-            t0 = time.perf_counter()
-            images = generate(pipe, protocol, start, stop)
-            _synchronize(pipe)
-            seconds = time.perf_counter() - t0
+        try:
+            with runner.running(m):
+                call = m.call(pipe)
+                _synchronize(pipe)
+                t0 = time.perf_counter()
+                images = generate(pipe, protocol, start, stop, call=call)
+                _synchronize(pipe)
+                seconds = time.perf_counter() - t0
+        except Exception as err:  # noqa: BLE001 - as in the warm-up: the row keeps its reason
+            record.variant(m.key)["error"] = failure(err)
+            record.save()
+            continue
         if m.keeps_images:
             store.save(m.key, start, images)
         entry = record.variant(m.key)
@@ -225,5 +255,4 @@ def _generate_shard(pipe: Any, methods: list[Method], protocol: Protocol, todo: 
         if compile_backend is not None:  # a self-check: compilation must not be timed
             entry["compile"]["compiled_while_timed"] += counters["stats"]["unique_graphs"] - graphs
         record.save()
-        bar.update(1)
     bar.close()

@@ -5,7 +5,10 @@ noisy machine hit all methods alike; results are medians over the repeats
 (:func:`eval.report.latency_rows`).
 AgentSD methods are timed in one phase (agent by default, or late); ToDo is on at every timed
 step. A DeepCache sample is one cache cycle (a full step and its cached steps), its time the
-mean step. The bounds are the same UNet with parts of the patched blocks returning zeros.
+mean step, and so is a CA-ToMe sample: one cycle of its cache (the match computed, then reused).
+The bounds are the same UNet with parts of the patched blocks returning zeros. A method that wraps
+the whole pipeline call (T-GATE) has no per-step row and is refused; a method that does not run
+here (a peer that does not import or fails) is a row with its reason, and a rerun tries it again.
 """
 from __future__ import annotations
 
@@ -19,7 +22,8 @@ from diffusers import UNet2DConditionModel
 from torch._dynamo.utils import counters
 
 from eval import runtime
-from eval.methods import Method, build_methods, pndm_schedule
+from eval.methods import Method, build_methods, check_per_step, pndm_schedule
+from eval.peers import failure
 from eval.report import saving_share
 from eval.store import JsonRecord, merge_settings
 
@@ -45,10 +49,12 @@ class SettingsMismatch(ValueError):
 
 
 def sample_timesteps(method: Method) -> tuple[int, ...]:
-    """The timesteps of one timed sample: one step at t = 500, or a DeepCache cycle
-    (``cache_interval`` consecutive steps of a 50-step PNDM schedule)."""
+    """The timesteps of one timed sample: one step at t = 500, a DeepCache cycle
+    (``cache_interval`` consecutive steps of a 50-step PNDM schedule), or a CA-ToMe cycle (the
+    steps of that schedule from its checkpoint at or before the middle to the next one)."""
     if method.deepcache is None:
-        return (500,)
+        cycle = getattr(method.peer, "cycle", None)
+        return (500,) if cycle is None else cycle(pndm_schedule().timesteps)
     return tuple(int(t) for t in pndm_schedule().timesteps[: method.deepcache.cache_interval])
 
 
@@ -91,7 +97,12 @@ def run_benchmark(
     ``fullgraph=False``, and its breaks are counted). The first call of every method, which
     compiles, is untimed; its duration is kept as ``first_call_s``. ``backend`` is the
     ``torch.compile`` backend (tests use ``aot_eager``, which traces alike but compiles nothing).
+    A method that cannot run keeps the first line of its error (``error``) instead of samples.
+
+    Raises:
+        ValueError: for a method that has no per-step row (it wraps the whole pipeline call).
     """
+    check_per_step(methods)
     record = JsonRecord(raw_path)
     raw = record.data
     param = next(unet.parameters())
@@ -122,26 +133,20 @@ def run_benchmark(
             entry = results.setdefault(method.key, {"seconds": []})
             if len(entry["seconds"]) >= repeats:
                 continue
-            timesteps, breaks = sample_timesteps(method), sum(counters["graph_break"].values())
-            enter(method)
-            try:
-                entry["first_call_s"] = time_step(unet, inputs, timesteps)
-            except Exception as err:  # noqa: BLE001 - whatever stops a full graph, retry with breaks
-                method.remove(unet)
-                if not compile:
-                    raise
-                fullgraph[method.key] = False
-                entry["fullgraph_error"] = str(err).strip().splitlines()[0][:200]
-                enter(method)
-                entry["first_call_s"] = time_step(unet, inputs, timesteps)
-            if compile:  # a second untimed call: a compiled method settles its guards
-                time_step(unet, inputs, timesteps)
-            method.remove(unet)
-            if compile:
-                entry["fullgraph"] = fullgraph.get(method.key, True)
-                entry["graph_breaks"] = sum(counters["graph_break"].values()) - breaks
+            entry.pop("error", None)
+            reason = method.unavailable()
+            if reason is None:
+                try:
+                    _warm_up(method, entry, unet, inputs, enter, compile, fullgraph)
+                except Exception as err:  # noqa: BLE001 - a method that does not run here is a row with its reason
+                    method.remove(unet)
+                    reason = failure(err)
+            if reason is not None:
+                entry["error"] = reason
+                record.save()
+        live = [m for m in methods if "error" not in results[m.key]]
         for rep in range(repeats):
-            for method in methods:
+            for method in live:
                 entry = results[method.key]
                 if len(entry["seconds"]) > rep:
                     continue
@@ -151,7 +156,7 @@ def run_benchmark(
                 entry["seconds"].append(seconds)
                 record.save()
                 progress(f"{size}px {method.key:>26} repeat {rep + 1}/{repeats}: {seconds:.3f} s")
-        for method in methods:  # memory in a separate, untimed pass: its sampling costs time
+        for method in live:  # memory in a separate, untimed pass: its sampling costs time
             entry = results[method.key]
             if "peak_mb" not in entry:
                 enter(method)
@@ -162,3 +167,26 @@ def run_benchmark(
                 record.save()
     record.save()
     return raw
+
+
+def _warm_up(method: Method, entry: dict[str, Any], unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor],
+             enter: Callable[[Method], None], compile: bool, fullgraph: dict[str, bool]) -> None:
+    """The untimed first call(s) of ``method`` (see :func:`run_benchmark`); raises what stops it."""
+    timesteps, breaks = sample_timesteps(method), sum(counters["graph_break"].values())
+    enter(method)
+    try:
+        entry["first_call_s"] = time_step(unet, inputs, timesteps)
+    except Exception as err:  # noqa: BLE001 - whatever stops a full graph, retry with breaks
+        method.remove(unet)
+        if not compile:
+            raise
+        fullgraph[method.key] = False
+        entry["fullgraph_error"] = str(err).strip().splitlines()[0][:200]
+        enter(method)
+        entry["first_call_s"] = time_step(unet, inputs, timesteps)
+    if compile:  # a second untimed call: a compiled method settles its guards
+        time_step(unet, inputs, timesteps)
+    method.remove(unet)
+    if compile:
+        entry["fullgraph"] = fullgraph.get(method.key, True)
+        entry["graph_breaks"] = sum(counters["graph_break"].values()) - breaks

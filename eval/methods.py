@@ -7,10 +7,12 @@ the possible saving runs between) and records its settings for the run's setup.
 
 Names: ``sd``, ``tomesd``, ``todo``, ``agentsd``, ``agentsd-pool``, ``agentsd-xattn``,
 ``agentsd-mlp``, the bounds ``bound``, ``bound-xattn``, ``bound-mlp``, and ``<method>+deepcache``
-for any of them (``deepcache`` is ``sd`` with DeepCache). An AgentSD method takes its phase from
-the harness (``schedule``: the default recipe over the steps; ``agent``: agent attention on every
-step, ``agent_fraction=1``; ``late``: the late phase on every step, ``agent_fraction=0``) or from
-the name, ``agentsd:late``. The names of earlier versions are accepted as deprecated aliases
+for any of them (``deepcache`` is ``sd`` with DeepCache); the peers from PyPI (:data:`PEERS`,
+:mod:`eval.peers`) ``tgate`` (it wraps the whole pipeline call), ``tgate+deepcache`` and
+``ca-tome``, whose stacks with another method are refused by name, with why. An AgentSD method
+takes its phase from the harness (``schedule``: the default recipe over the steps; ``agent``:
+agent attention on every step, ``agent_fraction=1``; ``late``: the late phase on every step,
+``agent_fraction=0``) or from the name, ``agentsd:late``. The names of earlier versions are accepted as deprecated aliases
 (:data:`ALIASES`) and a note names the new one.
 """
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 
 import agentsd
+from eval.peers import CAToMeSettings, TGateSettings, refusal, unavailable
 from eval.todo import ToDoSettings, apply_todo, remove_todo
 
 
@@ -54,7 +57,7 @@ class Spec:
     name: str
     summary: str
     has_ratio: bool = False
-    bound: str = "bound"
+    bound: str = "bound"  # "": none
     agentsd: dict[str, Any] | None = None
     free: tuple[str, ...] = ()
 
@@ -74,10 +77,18 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("bound-mlp", "self-attention and feed-forward of the patched blocks free", bound="bound-mlp",
          free=("attn1", "ff")),
 )}
+#: Peers from PyPI that may not be installed or may not run here (a row then gives the reason).
+PEERS: dict[str, Spec] = {s.name: s for s in (
+    Spec("tgate", "T-GATE: cross-attention cached after a gate step, guidance's text half dropped (pipe.tgate)",
+         bound=""),
+    Spec("ca-tome", "CA-ToMe: tomesd's merge by similarity threshold, the match cached between checkpoints"),
+)}
+#: Every registered method, in table order.
+REGISTRY: dict[str, Spec] = {**SPECS, **PEERS}
 DEEPCACHE = "+deepcache"
 #: Every name a harness accepts (besides ``<method>+deepcache`` for the variants).
-NAMES = (*SPECS, "deepcache", "tomesd+deepcache", "todo+deepcache", "agentsd+deepcache",
-         "agentsd-pool+deepcache", "bound+deepcache")
+NAMES = (*REGISTRY, "deepcache", "tomesd+deepcache", "todo+deepcache", "agentsd+deepcache",
+         "agentsd-pool+deepcache", "bound+deepcache", "tgate+deepcache")
 #: Names of earlier versions: what each is now.
 ALIASES = {"sdpa": "sd", "agentsd-agent": "agentsd:agent", "agentsd-tome": "agentsd:late",
            "agentsd-agent-xattn": "agentsd-xattn:agent", "agentsd-agent-mlp": "agentsd-mlp:agent",
@@ -110,13 +121,14 @@ def pndm_schedule(steps: int = 50) -> Any:
 @dataclass(eq=False)
 class Method:
     """One row of a harness: a registered method at ``ratio`` in ``phase``, with ``deepcache`` on
-    top when given; ``todo`` holds ToDo's settings."""
+    top when given; ``todo`` holds ToDo's settings, ``peer`` a peer's (:mod:`eval.peers`)."""
 
     spec: Spec
     ratio: float | None = None
     phase: str | None = None
     deepcache: DeepCacheSettings | None = None
     todo: ToDoSettings | None = None
+    peer: TGateSettings | CAToMeSettings | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -136,7 +148,9 @@ class Method:
         return "sd" if self.deepcache is None else "deepcache"
 
     @property
-    def bound(self) -> str:
+    def bound(self) -> str | None:
+        if not self.spec.bound:
+            return None
         return self.spec.bound + ("" if self.deepcache is None else DEEPCACHE)
 
     @property
@@ -146,6 +160,19 @@ class Method:
     @property
     def keeps_images(self) -> bool:
         return not self.is_bound
+
+    @property
+    def per_step(self) -> bool:
+        """Whether it runs inside the pipeline's own call (else it wraps the whole call)."""
+        return self.peer is None or not self.peer.whole_call
+
+    def unavailable(self) -> str | None:
+        """Why it cannot run here (a peer's package does not import), or None."""
+        return None if self.peer is None else unavailable(self.peer.package)
+
+    def call(self, pipe: Any) -> Callable[..., Any]:
+        """What generates a batch once applied: ``pipe``, or the peer's wrapper of the whole call."""
+        return pipe if self.per_step else self.peer.call(pipe, self.deepcache)
 
     def settings(self) -> dict[str, Any]:
         """What the row ran with, for the run's setup."""
@@ -164,6 +191,8 @@ class Method:
             out = self.todo.to_dict()
         elif spec.free:
             out = {"free": list(spec.free)}
+        elif self.peer is not None:
+            out = self.peer.to_dict(self.deepcache is not None)
         if self.deepcache is not None:
             out["deepcache"] = asdict(self.deepcache)
         return out
@@ -188,7 +217,9 @@ class Method:
             self._undo.append(lambda: remove_todo(target))
         elif spec.free:
             self._free(unet)
-        if self.deepcache is not None:
+        elif self.peer is not None:
+            self._undo.append(self.peer.apply(target, self.deepcache))
+        if self.deepcache is not None and not (self.peer is not None and self.peer.own_deepcache):
             from DeepCache import DeepCacheSDHelper
 
             pipe = target if hasattr(target, "unet") else SimpleNamespace(unet=unet, scheduler=pndm_schedule())
@@ -217,18 +248,21 @@ class Method:
 
 @dataclass(frozen=True)
 class Options:
-    """Settings shared by the rows of a run: the default AgentSD phase, DeepCache's and ToDo's."""
+    """Settings shared by the rows of a run: the default AgentSD phase, DeepCache's, ToDo's and
+    the peers'."""
 
     phase: str = "schedule"
     deepcache: DeepCacheSettings = DEEPCACHE_DEFAULTS
     todo: ToDoSettings = ToDoSettings()
+    tgate: TGateSettings = TGateSettings()
+    catome: CAToMeSettings = CAToMeSettings()
 
 
 def parse_name(name: str, notify: Callable[[str], None] | None = None) -> tuple[Spec, bool, str | None]:
     """``(spec, with DeepCache, pinned phase)`` of a method name (an alias gives a note).
 
     Raises:
-        ValueError: for an unknown name or phase.
+        ValueError: for an unknown name or phase, or a stack that cannot compose.
     """
     if name in ALIASES:
         (notify or (lambda s: print(s, file=sys.stderr)))(
@@ -237,12 +271,15 @@ def parse_name(name: str, notify: Callable[[str], None] | None = None) -> tuple[
     base, _, phase = name.partition(":")
     cached = base == "deepcache" or base.endswith(DEEPCACHE)
     base = "sd" if base == "deepcache" else base.removesuffix(DEEPCACHE)
-    if base not in SPECS:
+    refused = refusal(base, REGISTRY)
+    if refused:
+        raise ValueError(f"method {name!r}: {refused}")
+    if base not in REGISTRY:
         raise ValueError(f"unknown method {name!r}; choose from {', '.join(NAMES)} "
                          f"(or <method>+deepcache; old names: {', '.join(ALIASES)})")
-    if phase and (SPECS[base].agentsd is None or phase not in PHASES):
+    if phase and (REGISTRY[base].agentsd is None or phase not in PHASES):
         raise ValueError(f"method {name!r}: only AgentSD methods have a phase ({', '.join(PHASES)})")
-    return SPECS[base], cached, phase or None
+    return REGISTRY[base], cached, phase or None
 
 
 def build_methods(names: Iterable[str], ratios: Iterable[float], options: Options | None = None,
@@ -269,7 +306,8 @@ def build_methods(names: Iterable[str], ratios: Iterable[float], options: Option
             raise ValueError(f"{spec.name} needs at least one ratio")
         for ratio in ([own] if own is not None else ratios) if spec.has_ratio else [None]:
             m = Method(spec, ratio, (phase or options.phase) if spec.agentsd is not None else None,
-                       options.deepcache if cached else None, options.todo if spec.name == "todo" else None)
+                       options.deepcache if cached else None, options.todo if spec.name == "todo" else None,
+                       {"tgate": options.tgate, "ca-tome": options.catome}.get(spec.name))
             methods.setdefault(m.key, m)
     if not methods:
         raise ValueError("no method to compare")
@@ -291,13 +329,24 @@ def table_order(methods: list[Method], bounds: bool = True) -> list[Method]:
     the bounds, each in registry order; with ``bounds``, ``bound`` and the bound of each method
     are added."""
     out = {m.key: m for m in methods}
-    for m in [*methods, Method(SPECS["sd"])] if bounds else []:
+    for m in [m for m in [*methods, Method(SPECS["sd"])] if m.spec.bound] if bounds else []:
         bound = Method(SPECS[m.spec.bound], deepcache=m.deepcache)
         out.setdefault(bound.key, bound)
-    order = list(SPECS)
+    order = list(REGISTRY)
     return sorted(out.values(), key=lambda m: (m.is_bound, m.deepcache is not None, order.index(m.spec.name)))
 
 
 def per_step(options: Options) -> Options:
     """The options of per-step timing: ToDo on at every timed step."""
     return replace(options, todo=replace(options.todo, off_after=1.0))
+
+
+def check_per_step(methods: Iterable[Method]) -> None:
+    """Refuse, in one line, a method that has no per-step row.
+
+    Raises:
+        ValueError: for a method that wraps the whole pipeline call (``tgate``).
+    """
+    for m in methods:
+        if not m.per_step:
+            raise ValueError(f"{m.name} wraps the whole pipeline call; it has no per-step row")

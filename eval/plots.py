@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from eval.methods import DEEPCACHE, SPECS
+from eval.methods import DEEPCACHE, REGISTRY
 
 _MARKERS = "*sDoXPvhpd^<>8"
 
@@ -19,7 +19,7 @@ def _style(method: str) -> dict[str, Any]:
     DeepCache, a hollow marker and a dashed line."""
     cached = method == "deepcache" or method.endswith(DEEPCACHE)
     base = "sd" if method == "deepcache" else method.removesuffix(DEEPCACHE)
-    i = list(SPECS).index(base) if base in SPECS else len(SPECS)
+    i = list(REGISTRY).index(base) if base in REGISTRY else len(REGISTRY)
     style = dict(color=f"C{i % 10}", marker=_MARKERS[i % len(_MARKERS)])
     return {**style, "markerfacecolor": "none", "linestyle": "--"} if cached else style
 
@@ -96,7 +96,10 @@ def plot_fidelity_vs_time(rows: list[dict[str, Any]], path: Path, title: str = "
 
 
 def plot_latency(rows: list[dict[str, Any]], path: Path, title: str = "") -> None:
-    """Median seconds per step of every row, one panel per size, bars in the method's colour."""
+    """Median seconds per step of every timed row, one panel per size, bars in the method's colour."""
+    rows = [r for r in rows if r.get("median_s") is not None]
+    if not rows:
+        return
     plt = _pyplot()
     sizes = sorted({r["size"] for r in rows})
     per = [[r for r in rows if r["size"] == s] for s in sizes]

@@ -40,17 +40,30 @@ def _identity(m: Method) -> dict[str, Any]:
     return dict(method=m.name, key=m.key, ratio=m.ratio, phase=m.phase, baseline=m.baseline, bound=m.bound)
 
 
+def failures(timings: list[Any]) -> dict[str, str]:
+    """Method key: why it did not run (the first error recorded by any process of an FID run)."""
+    out: dict[str, str] = {}
+    for record in timings:
+        for key, entry in record.data.items():
+            if entry.get("error"):
+                out.setdefault(key, entry["error"])
+    return out
+
+
 def latency_rows(raw: dict[str, Any], methods: list[Method], sizes: list[int]) -> list[dict[str, Any]]:
     """One row per (size, method) of a latency run: median and minimum seconds per step, peak
     memory, speed-up, share of the possible saving and, when compiled, the first call's seconds
-    and the graph breaks."""
+    and the graph breaks; a method that did not run has its ``reason`` and no times."""
     rows = []
     for size in sizes:
         for m in methods:
             entry = raw[str(size)][m.key]
-            rows.append(dict(size=size, **_identity(m), median_s=statistics.median(entry["seconds"]),
-                             min_s=min(entry["seconds"]), repeats=len(entry["seconds"]), peak_mb=entry["peak_mb"],
-                             first_call_s=entry.get("first_call_s"), graph_breaks=entry.get("graph_breaks")))
+            seconds, reason = entry["seconds"], entry.get("error")
+            timed = bool(seconds) and reason is None
+            rows.append(dict(size=size, **_identity(m), median_s=statistics.median(seconds) if timed else None,
+                             min_s=min(seconds) if timed else None, repeats=len(seconds) if timed else 0,
+                             peak_mb=entry.get("peak_mb"), first_call_s=entry.get("first_call_s"),
+                             graph_breaks=entry.get("graph_breaks"), reason=reason))
     return add_shares(rows, "median_s", group="size")
 
 
@@ -61,11 +74,16 @@ def fid_rows(state: Any, timings: list[Any], methods: list[Method], num_images: 
     processes / images: the device time an image costs), images per second (images / the
     longest summed time of one process: the run's wall-clock throughput), speed-up and share of
     the possible saving, peak memory (the largest of the processes), the compile report when
-    compiled, and the number of images."""
+    compiled, and the number of images. A method that did not run (:func:`failures`) has its
+    ``reason`` and nothing measured."""
     from eval.generation import COMPILE_MODES
 
-    rows = []
+    rows, failed = [], failures(timings)
     for m in methods:
+        if m.key in failed:
+            rows.append(dict(**_identity(m), fid=None, psnr=None, ssim=None, seconds_per_image=None,
+                             images_per_second=None, peak_memory_mb=None, num_images=0, reason=failed[m.key]))
+            continue
         entry = state.variant(m.key)
         records = [t.data[m.key] for t in timings if m.key in t.data]
         batch_seconds = {k: s for r in records for k, s in r["batch_seconds"].items()}
@@ -76,7 +94,7 @@ def fid_rows(state: Any, timings: list[Any], methods: list[Method], num_images: 
             **_identity(m), fid=entry.get("fid"), psnr=entry.get("psnr"), ssim=entry.get("ssim"),
             seconds_per_image=sum(batch_seconds.values()) / images if images else None,
             images_per_second=images / longest if longest else None,
-            peak_memory_mb=max(memory, default=None), num_images=num_images if m.keeps_images else 0,
+            peak_memory_mb=max(memory, default=None), num_images=num_images if m.keeps_images else 0, reason=None,
         )
         if scores_adherence and m.keeps_images:
             row["adherence"] = entry.get("adherence", {}).get("all_correct")
@@ -110,7 +128,10 @@ Column = tuple[str, Callable[[dict[str, Any]], str]]
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[Column]) -> str:
-    """``rows`` as a markdown table of ``columns`` (header, cell of a row)."""
+    """``rows`` as a markdown table of ``columns`` (header, cell of a row); a last column gives
+    the reason of every row that did not run, when one did not."""
+    if any(r.get("reason") for r in rows):
+        columns = [*columns, ("not run because", lambda r: (r.get("reason") or "").replace("|", "\\|"))]
     lines = ["| " + " | ".join(h for h, _ in columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(cell(r) for _, cell in columns) + " |" for r in rows])
 
@@ -124,9 +145,9 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
     """The latency rows as a table (with first-call time and graph breaks when compiled)."""
     columns: list[Column] = [
         ("size", lambda r: str(r["size"])), ("method", lambda r: r["method"]), *_phase_column(rows),
-        ("ratio", lambda r: fmt(r["ratio"], "g")), ("median s/step", lambda r: f"{r['median_s']:.3f}"),
+        ("ratio", lambda r: fmt(r["ratio"], "g")), ("median s/step", lambda r: fmt(r["median_s"], ".3f")),
         ("speed-up vs sd", lambda r: fmt(r["speedup"], ".2f", "x")), ("share of possible saving", _share),
-        ("peak memory MB", lambda r: f"{r['peak_mb']:.0f}"),
+        ("peak memory MB", lambda r: fmt(r.get("peak_mb"), ".0f")),
     ]
     if any(r.get("graph_breaks") is not None for r in rows):
         columns += [("first call s (compiles)", lambda r: fmt(r.get("first_call_s"), ".1f")),

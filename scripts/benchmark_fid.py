@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """FID, prompt adherence, same-seed fidelity, seconds per image and peak memory of SD against
-tomesd, ToDo, AgentSD (and DeepCache) across merge ratios, side by side on one pipeline with the
-same prompts and per-image seeds. Every method, option and output: docs/benchmarks.md.
+tomesd, ToDo, AgentSD, T-GATE, CA-ToMe (and DeepCache) across merge ratios, side by side on one
+pipeline with the same prompts and per-image seeds; a peer that does not run here is a row with its
+reason. Every method, option and output: docs/benchmarks.md.
 
 Protocols:
   quick  (default) the embedded reference model, a few minutes on a CPU: ratio 0.4, 64 images.
@@ -17,6 +18,7 @@ images/, state.json and timings/process-<rank>.json. Rerunning the same command 
 Examples:
   python scripts/benchmark_fid.py
   python scripts/benchmark_fid.py --methods sd tomesd todo agentsd agentsd-pool --out runs/fid_new
+  python scripts/benchmark_fid.py --methods sd tgate ca-tome deepcache tgate+deepcache --out runs/fid_peers
   python scripts/benchmark_fid.py --protocol full --out runs/fid_full
   accelerate launch --num_processes 8 scripts/benchmark_fid.py --protocol paper \\
       --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reference-dir /data/imagenet/val
@@ -48,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="hub id or local folder of an SD 1.x/2.x pipeline (default: the embedded reference model)")
     p.add_argument("--reference-dir", type=Path, default=None,
                    help="folder of real images for FID (required by --protocol paper)")
-    cli.add_method_arguments(p, ["sd", "tomesd", "agentsd"], ["schedule"], off_after=True)
+    cli.add_method_arguments(p, ["sd", "tomesd", "agentsd"], ["schedule"], off_after=True, whole_calls=True)
     p.add_argument("--ratios", type=float, nargs="+", default=None, help="merge ratios in [0, 1) (default: preset)")
     p.add_argument("--num-images", type=int, default=None, help="images per row (default: preset)")
     p.add_argument("--num-real", type=int, default=None,
@@ -183,11 +185,13 @@ def run(args: argparse.Namespace, process: Any, requested: Any) -> None:
     if args.skip_metrics:
         print(f"images and timings in {args.out}/; rerun without --skip-metrics for the metrics")
         return
+    failed = report.failures(process_timings(args.out))  # rows with their reason, nothing to measure
+    measured = [m for m in methods if m.key not in failed]
     metrics_device = device if device.type == "cpu" or torch.cuda.is_available() else "cpu"
     real = (lambda: protocols.load_reference_images(files)) if files else (
         lambda: protocols.shapes_real_images(num_real, args.seed, args.size))
     try:
-        state = compute_metrics(methods, protocol, args.out, real, metrics_device, progress=not args.no_progress,
+        state = compute_metrics(measured, protocol, args.out, real, metrics_device, progress=not args.no_progress,
                                 clip_model=args.clip_model)
     except ValueError as e:
         fail(str(e))
@@ -201,7 +205,7 @@ def run(args: argparse.Namespace, process: Any, requested: Any) -> None:
     plots.plot_fid_vs_time(rows, args.out / "fid_vs_time.png", title=title)
     plots.plot_fidelity_vs_time(rows, args.out / "fidelity_vs_time.png", title=title)
     store, n = ImageStore(args.out / "images"), min(args.grid_columns, len(protocol.prompts))
-    plots.sample_grid({m.key: store.load(m.key, n) for m in methods if m.keeps_images}, args.out / "samples.png")
+    plots.sample_grid({m.key: store.load(m.key, n) for m in measured if m.keeps_images}, args.out / "samples.png")
     print(text + f"\nwritten to {args.out}/: results.json results.md fid_vs_time.png fidelity_vs_time.png "
           "samples.png images/ timings/")
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Time single UNet steps of the SD1.5 architecture (random weights) for every method side by
 side, interleaved repeat by repeat: SD, tomesd, ToDo, AgentSD (its agent or late phase, merged or
-pooled, with merge_crossattn / merge_mlp), DeepCache stacks, and the bounds (parts of the patched
-blocks returning zeros). Every method, option and output: docs/benchmarks.md.
+pooled, with merge_crossattn / merge_mlp), CA-ToMe, DeepCache stacks, and the bounds (parts of the
+patched blocks returning zeros). T-GATE wraps the whole pipeline call, so it has no row here (see
+benchmark_fid.py). Every method, option and output: docs/benchmarks.md.
 
 --compile compiles the transformer blocks of every method, sd included (compile_repeated_blocks,
 fullgraph=True, else with graph breaks, counted); the compiling first call is untimed and reported
@@ -66,11 +67,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from eval import plots, report
     from eval.latency import SD15_UNET_CONFIG, SettingsMismatch, run_benchmark
-    from eval.methods import build_methods, per_step
+    from eval.methods import build_methods, check_per_step, per_step
     from eval.runtime import DTYPES, dtype_name, machine_name
 
     try:
         methods = build_methods(args.methods, args.ratios, per_step(args.options))
+        check_per_step(methods)
     except ValueError as e:
         sys.exit(f"benchmark_latency.py: error: {e}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
