@@ -13,14 +13,15 @@ defines it, ``unet(sample, timestep, encoder_hidden_states, ...)``. CA-ToMe's fo
 
 What it changes, and nothing else: :func:`pass_step` replaces ``unet.forward`` (CA-ToMe's) by a
 :class:`StepArgument`. It takes diffusers' arguments, numbers the step as CA-ToMe's loop does
-(``i + 1`` where the timestep is ``scheduler.timesteps[i]``) and calls CA-ToMe's forward with it.
-The step is read from the timestep's place in the schedule tensor (diffusers passes a view of
-``timesteps[i]``, so the GPU is not waited for), else found by value (its first place). A call
-that passes the step already (CA-ToMe's ``pipe.call``) goes through unchanged. The merge, its
-cache, the forward and ``pipe.call`` stay CA-ToMe's own, and the installed package is not edited. With the shim, ``pipe(...)`` gives the same images as CA-ToMe's ``pipe.call(...)``, bit for
-bit (tests/test_peers.py). A bare UNet has no scheduler: its steps are numbered in the schedule
-given to :func:`pass_step` (the latency harness gives SD's 50 PNDM steps, which CA-ToMe's
-configurations are written for).
+(``i + 1`` where the timestep is ``scheduler.timesteps[i]``) and calls CA-ToMe's forward with it. The
+step is read from the timestep's place in the schedule tensor (diffusers passes a view of
+``timesteps[i]``, so the GPU is not waited for), else found by value (its first place). A call that
+passes the step already (CA-ToMe's ``pipe.call``) goes through unchanged. The merge, its cache, the
+forward and ``pipe.call`` stay CA-ToMe's own, and the installed package is not edited. With the
+shim, ``pipe(...)`` gives the same images as CA-ToMe's ``pipe.call(...)``, bit for bit
+(tests/test_peers.py). A bare UNet has no scheduler: its steps are numbered in the schedule given
+to :func:`pass_step` (the latency harness gives SD's 50 PNDM steps, which CA-ToMe's configurations
+are written for).
 """
 from __future__ import annotations
 

@@ -10,10 +10,10 @@ Names: ``sd``, ``tomesd``, ``todo``, ``agentsd``, ``agentsd-pool``, ``agentsd-xa
 for any of them (``deepcache`` is ``sd`` with DeepCache); the peers from PyPI (:data:`PEERS`,
 :mod:`eval.peers`) ``tgate`` (it wraps the whole pipeline call), ``tgate+deepcache`` and
 ``ca-tome``, whose stacks with another method are refused by name, with why. An AgentSD method
-takes its phase from the harness (``schedule``: the default recipe over the steps; ``agent``:
-agent attention on every step, ``agent_fraction=1``; ``late``: the late phase on every step,
-``agent_fraction=0``) or from the name, ``agentsd:late``. The names of earlier versions are accepted as deprecated aliases
-(:data:`ALIASES`) and a note names the new one.
+takes its phase from the harness (``schedule``: the default recipe over the steps; ``agent``: agent
+attention on every step, ``agent_fraction=1``; ``late``: the late phase on every step,
+``agent_fraction=0``) or from the name, ``agentsd:late``. The names of earlier versions are
+accepted as deprecated aliases (:data:`ALIASES`) and a note names the new one.
 """
 from __future__ import annotations
 

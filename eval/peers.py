@@ -15,7 +15,9 @@ added, so the pipeline is the original again, bit for bit.
 ``ca-tome`` (CA-ToMe 0.1.3, arXiv 2501.00946) is tomesd's merge with a similarity threshold instead
 of a ratio, with the match kept between the checkpoint steps of a cache configuration. It patches
 the UNet (the top level's self-attention, as tomesd), so it runs in diffusers' own loop and in the
-per-step harness, through the step shim of :mod:`eval.ca_tome_step`.
+per-step harness, through the step shim of :mod:`eval.ca_tome_step`. Its threshold merges only
+similar tokens, and the random features of the per-step harness's UNet have almost none (4095 of
+4096 tokens kept at 512 px), so its per-step row there shows the cost of matching, not its saving.
 
 A peer that is not installed, or does not run on this torch or diffusers, is a row with its reason
 (:func:`unavailable`, :func:`failure`); a stack that cannot compose is refused by name
