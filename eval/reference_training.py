@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from agentsd.dreambooth import unsafe_file_error
+from agentsd.training import unsafe_file_error
 from eval import shapes
 from eval.adherence import CLASSIFIER_FILE
 from eval.reference_components import (

@@ -44,7 +44,7 @@ import torch  # noqa: E402
 
 import agentsd  # noqa: E402
 from eval import REFERENCE_MODEL  # noqa: E402
-from agentsd.dreambooth import DreamBoothSettings, load_pipeline, train_dreambooth  # noqa: E402
+from agentsd.training import DreamBoothSettings, load_pipeline, train_dreambooth  # noqa: E402
 from eval import shapes  # noqa: E402
 from eval.adherence import generate, score_adherence  # noqa: E402
 from eval.concept import load_concept_classifier, score_concept  # noqa: E402

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
-import agentsd.dreambooth as dreambooth  # noqa: E402
+import agentsd.training.dreambooth as dreambooth  # noqa: E402
 from scripts.train_dreambooth import main as train_main  # noqa: E402
 
 

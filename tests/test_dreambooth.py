@@ -12,7 +12,7 @@ from diffusers import StableDiffusionPipeline
 
 import agentsd
 import tiny
-from agentsd.dreambooth import (
+from agentsd.training import (
     Batch,
     DreamBoothSettings,
     checkpoint_dirs,

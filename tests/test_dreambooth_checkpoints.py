@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 import agentsd
 from eval import REFERENCE_MODEL
-import agentsd.dreambooth as dreambooth
-from agentsd.dreambooth import CHECKPOINT_FILE, DreamBoothSettings, checkpoint_dirs, train_dreambooth
+import agentsd.training.dreambooth as dreambooth
+from agentsd.training import CHECKPOINT_FILE, DreamBoothSettings, checkpoint_dirs, train_dreambooth
 from dreambooth_driver import unet_digest
 from eval import shapes
 from scripts.train_dreambooth import main as train_main

@@ -19,7 +19,7 @@ import pytest
 
 import agentsd
 from eval import REFERENCE_MODEL
-from agentsd.dreambooth import CHECKPOINT_FILE, checkpoint_dirs, load_pipeline
+from agentsd.training import CHECKPOINT_FILE, checkpoint_dirs, load_pipeline
 from dreambooth_driver import unet_digest
 from eval import shapes
 

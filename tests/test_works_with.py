@@ -34,7 +34,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 import agentsd
 import tiny
-from agentsd.dreambooth import DreamBoothSettings, load_pipeline, train_dreambooth
+from agentsd.training import DreamBoothSettings, load_pipeline, train_dreambooth
 from agentsd.patch import CONFIG_KEY
 from agentsd.processor import AgentSDAttnProcessor
 
