@@ -12,6 +12,7 @@ from diffusers import StableDiffusionPipeline
 
 import agentsd
 import tiny
+from agentsd.config import DEFAULT_RATIO
 from agentsd.training import (
     Batch,
     DreamBoothSettings,
@@ -126,11 +127,13 @@ def test_saved_pipeline_runs_agent_attention_on_every_step(full_run: DreamBoothS
     agentsd.remove_patch(pipe)
 
 
+@pytest.mark.parametrize("reduction", ["merge", "pool"])
 def test_lora_weights_reload_and_run_agent_attention_on_every_step(
-    base_model: str, instance_dir: Path, tmp_path: Path
+    base_model: str, instance_dir: Path, tmp_path: Path, reduction: str
 ) -> None:
     s = settings(
-        base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3, gradient_accumulation_steps=2
+        base_model, instance_dir, tmp_path / "lora", lora_rank=4, learning_rate=1e-3, gradient_accumulation_steps=2,
+        reduction=reduction,
     )
     out = train_dreambooth(s)
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "unet").exists()
@@ -139,6 +142,8 @@ def test_lora_weights_reload_and_run_agent_attention_on_every_step(
     pipe.load_lora_weights(out)
     agentsd.apply_patch(pipe, config=agentsd.load_config(out))
     assert agentsd.patch_config(pipe) == s.agentsd_config()
+    assert (agentsd.patch_config(pipe).reduction, agentsd.patch_config(pipe).ratio) == (
+        reduction, DEFAULT_RATIO[reduction])
     assert all(agent_phases(pipe, steps=2))
     agentsd.remove_patch(pipe)
     lora = pipe(PROMPT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import AgentSDConfig
+from ..config import DEFAULT_RATIO, AgentSDConfig
 
 #: the ``mixed_precision`` values accelerate takes
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -19,8 +19,10 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 RUN_FIELDS = (
     "instance_prompt", "class_prompt", "num_class_images", "prior_loss_weight", "resolution", "batch_size",
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "lora_rank",
-    "lora_alpha", "agentsd", "ratio",
+    "lora_alpha", "agentsd", "reduction", "ratio",
 )
+#: the ``reduction`` values (see :class:`agentsd.AgentSDConfig`)
+REDUCTIONS = ("merge", "pool")
 
 
 def check_resolution(resolution: Any) -> int:
@@ -78,7 +80,11 @@ class DreamBoothSettings:
     lora_alpha: float | None = field(default=None, metadata=_opt("LoRA alpha (default: the rank)", TRAINING))
     agentsd: bool = field(
         default=True, metadata=_opt("AgentSD on every training step (off: plain DreamBooth)", TRAINING))
-    ratio: float = field(default=0.4, metadata=_opt("AgentSD token merging ratio", TRAINING))
+    reduction: str = field(default="merge", metadata=_opt(
+        "how AgentSD builds its agents: merge (the official token merging) or pool (cell pooling)", TRAINING,
+        choices=REDUCTIONS))
+    ratio: float | None = field(
+        default=None, metadata=_opt("AgentSD ratio (default: 0.4 for merge, 0.75 for pool)", TRAINING))
     checkpointing_steps: int = field(default=100, metadata=_opt("steps between checkpoints", CHECKS))
     keep_checkpoints: int = field(default=2, metadata=_opt("checkpoints kept (the latest ones)", CHECKS))
     validation_prompt: str | None = field(
@@ -110,11 +116,14 @@ class DreamBoothSettings:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if not self.instance_prompt.strip():
             raise ValueError("instance_prompt must not be empty")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be 'merge' or 'pool', got {self.reduction!r}")
         self.agentsd_config()  # validates ratio
 
     def agentsd_config(self) -> AgentSDConfig:
         """The AgentSD settings of training and of the result: agent attention on every step."""
-        return AgentSDConfig(ratio=self.ratio, agent_fraction=1.0)
+        ratio = DEFAULT_RATIO[self.reduction] if self.ratio is None else self.ratio
+        return AgentSDConfig(ratio=ratio, reduction=self.reduction, agent_fraction=1.0)
 
     def run_dict(self) -> dict[str, Any]:
         """The settings that define the run (compared when resuming)."""
