@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any, ContextManager, NoReturn, ParamSpec
@@ -31,7 +30,7 @@ from .config import UNSET, AgentSDConfig, PoolMode, Reduction
 from .hooks import (
     HOOK_TYPES, FeedForwardMergeHook, FeedForwardUnmergeHook, MatchHook, ReleaseHook, ReportHook, StepHook,
 )
-from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, _WrappingProcessor, restore, unwrap, wrap
+from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, restore, unwrap, wrap
 from .state import BlockState, PatchState
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ sys.path.insert(0, str(REPO_ROOT))
 import torch  # noqa: E402
 
 from eval import REFERENCE_MODEL  # noqa: E402
-from eval.dreambooth_benchmark import BOUND, CONFIGS, QUICK, Runner, table  # noqa: E402,F401
+from eval.dreambooth_benchmark import CONFIGS, QUICK, Runner, table  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

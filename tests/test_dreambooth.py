@@ -27,7 +27,7 @@ from agentsd.training import (
     train_dreambooth,
 )
 from eval import REFERENCE_MODEL, shapes
-from scripts.benchmark_dreambooth import BOUND, CONFIGS
+from eval.dreambooth_benchmark import BOUND, CONFIGS
 from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
 

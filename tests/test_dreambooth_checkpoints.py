@@ -18,7 +18,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import agentsd
 from eval import REFERENCE_MODEL
 import agentsd.training.dreambooth as dreambooth
 from agentsd.training import CHECKPOINT_FILE, DreamBoothSettings, checkpoint_dirs, train_dreambooth

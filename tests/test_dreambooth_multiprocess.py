@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import agentsd
 from eval import REFERENCE_MODEL
 from agentsd.training import CHECKPOINT_FILE, checkpoint_dirs, load_pipeline
 from dreambooth_driver import unet_digest

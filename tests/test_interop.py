@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from torch._dynamo.utils import counters
-from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, SlicedAttnProcessor
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import agentsd
 import tiny
