@@ -38,15 +38,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the embedded model (eval/) lives in the checkout
 
 from agentsd.training import DreamBoothSettings, train_dreambooth  # noqa: E402
+from agentsd.training.settings import CHECKS  # noqa: E402
 from eval import REFERENCE_MODEL  # noqa: E402
 
 #: fields whose command-line default differs from the dataclass's (it has none)
 DEFAULTS = {"pretrained": str(REFERENCE_MODEL)}
 
 
-def _type(field: dataclasses.Field) -> type:
-    """The argparse type of a field: its annotation without ``| None``."""
-    hint = typing.get_type_hints(DreamBoothSettings)[field.name]
+def _type(hint: type) -> type:
+    """The argparse type of a field's annotation: the annotation without ``| None``."""
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     return args[0] if args else hint
 
@@ -57,11 +57,14 @@ def parse_args(argv: list[str] | None = None) -> tuple[DreamBoothSettings, str |
     fields that are on by default)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups: dict[str, argparse._ArgumentGroup] = {}
+    hints = typing.get_type_hints(DreamBoothSettings)
     for field in dataclasses.fields(DreamBoothSettings):
         meta = field.metadata
-        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        if meta["group"] not in groups:
+            groups[meta["group"]] = p.add_argument_group(meta["group"])
+        group = groups[meta["group"]]
         flag = "--" + field.name.replace("_", "-")
-        kind = _type(field)
+        kind = _type(hints[field.name])
         if kind is bool:
             group.add_argument(f"--no-{field.name.replace('_', '-')}", dest=field.name, action="store_false",
                                help=f"off: {meta['help']}")
@@ -71,7 +74,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[DreamBoothSettings, str |
         shown = "" if required or default is None else f" (default: {default})"
         group.add_argument(flag, type=kind, required=required, default=None if required else default,
                            choices=meta.get("choices"), help=meta["help"] + shown)
-    groups["checkpoints and validation"].add_argument(
+    groups[CHECKS].add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
         help="continue from the latest checkpoint in OUT/checkpoints, or from the folder given")
     a = vars(p.parse_args(argv))

@@ -8,10 +8,11 @@ no change there.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DEFAULT_RATIO, AgentSDConfig
+from ..config import DEFAULT_RATIO, REDUCTIONS, AgentSDConfig
 
 #: the ``mixed_precision`` values accelerate takes
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -21,8 +22,6 @@ RUN_FIELDS = (
     "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "seed", "lora_rank",
     "lora_alpha", "agentsd", "reduction", "ratio",
 )
-#: the ``reduction`` values (see :class:`agentsd.AgentSDConfig`)
-REDUCTIONS = ("merge", "pool")
 
 
 def check_resolution(resolution: Any) -> int:
@@ -84,7 +83,8 @@ class DreamBoothSettings:
         "how AgentSD builds its agents: merge (the official token merging) or pool (cell pooling)", TRAINING,
         choices=REDUCTIONS))
     ratio: float | None = field(
-        default=None, metadata=_opt("AgentSD ratio (default: 0.4 for merge, 0.75 for pool)", TRAINING))
+        default=None, metadata=_opt("AgentSD ratio (default: " + ", ".join(
+            f"{value} for {name}" for name, value in DEFAULT_RATIO.items()) + ")", TRAINING))
     checkpointing_steps: int = field(default=100, metadata=_opt("steps between checkpoints", CHECKS))
     keep_checkpoints: int = field(default=2, metadata=_opt("checkpoints kept (the latest ones)", CHECKS))
     validation_prompt: str | None = field(
@@ -116,14 +116,12 @@ class DreamBoothSettings:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
         if not self.instance_prompt.strip():
             raise ValueError("instance_prompt must not be empty")
-        if self.reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be 'merge' or 'pool', got {self.reduction!r}")
-        self.agentsd_config()  # validates ratio
+        self.agentsd_config()  # validates ratio and reduction
 
     def agentsd_config(self) -> AgentSDConfig:
         """The AgentSD settings of training and of the result: agent attention on every step."""
-        ratio = DEFAULT_RATIO[self.reduction] if self.ratio is None else self.ratio
-        return AgentSDConfig(ratio=ratio, reduction=self.reduction, agent_fraction=1.0)
+        config = AgentSDConfig(ratio=self.ratio, reduction=self.reduction, agent_fraction=1.0)
+        return dataclasses.replace(config, ratio=config.effective_ratio)
 
     def run_dict(self) -> dict[str, Any]:
         """The settings that define the run (compared when resuming)."""
