@@ -16,8 +16,9 @@ from .patch import (
     store_config,
     stored_config,
 )
+from .phase import timestep_value
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AgentSDConfig",
@@ -33,4 +34,5 @@ __all__ = [
     "self_attention_layers",
     "store_config",
     "stored_config",
+    "timestep_value",
 ]

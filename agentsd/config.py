@@ -4,10 +4,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
+import math
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+logger = logging.getLogger(__name__)
 
 #: Name of the JSON file that :func:`save_config` writes (e.g. beside LoRA weights).
 CONFIG_FILE = "agentsd_config.json"
@@ -21,6 +25,9 @@ POOL_MODES = ("mean", "nearest")
 #: ``ratio`` when it is None, by reduction: the official 0.4 for ``"merge"``; for ``"pool"``, keys
 #: and values pooled 2x2 (ToDo's factor), better in speed and fidelity than 0.4 (docs/quality.md)
 DEFAULT_RATIO = {"merge": 0.4, "pool": 0.75}
+#: The training timesteps of every supported model family (diffusers' ``num_train_timesteps``):
+#: the scale of the timestep that selects the phase (:meth:`AgentSDConfig.phase_at`).
+NUM_TRAIN_TIMESTEPS = 1000
 
 
 class _Unset:
@@ -109,6 +116,7 @@ class AgentSDConfig:
     reduction: Reduction = "merge"
     tome_reduction: Reduction | None = None
     pool_mode: PoolMode = "mean"
+    top_left_for_odd_batches: bool = False
 
     def __post_init__(self) -> None:
         if self.ratio is not None:
@@ -130,7 +138,7 @@ class AgentSDConfig:
         if self.attn_precision not in (None, "fp32"):
             raise ValueError(f"attn_precision must be None or 'fp32', got {self.attn_precision!r}")
         _check_int("seed", self.seed, 0)
-        for name in ("use_rand", "merge_crossattn", "merge_mlp"):
+        for name in ("use_rand", "merge_crossattn", "merge_mlp", "top_left_for_odd_batches"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         _check_choice("reduction", self.reduction, REDUCTIONS)
@@ -162,13 +170,19 @@ class AgentSDConfig:
         """``ratio``, or its default for ``reduction`` when it is None."""
         return DEFAULT_RATIO[self.reduction] if self.ratio is None else self.ratio
 
-    def phase_at(self, progress: float) -> Phase:
-        """The phase at ``progress`` in [0, 1], the share of the denoising already done.
+    @property
+    def agent_threshold(self) -> float:
+        """The smallest timestep of the agent phase: ``(1 - agent_fraction) * 1000``."""
+        return (1.0 - self.agent_fraction) * NUM_TRAIN_TIMESTEPS
 
-        ``agent_fraction=1`` means the agent phase on every step, the last one included (a bare
-        UNet called at timestep 0 has progress 1).
+    def phase_at(self, timestep: float) -> Phase:
+        """The phase of a denoiser call at ``timestep`` (on diffusers' 0-1000 scale).
+
+        The agent phase runs on the noisy steps, where ``timestep >= (1 - agent_fraction) * 1000``:
+        with 50 PNDM/PLMS steps and the default 0.4 these are steps 0-19 (981 to 601), the
+        official recipe. ``agent_fraction=0`` never runs it, ``agent_fraction=1`` always does.
         """
-        agent = progress < self.agent_fraction or self.agent_fraction == 1
+        agent = self.agent_fraction > 0 and timestep >= self.agent_threshold
         return self.agent_phase if agent else self.tome_phase
 
     def to_dict(self) -> dict[str, Any]:
@@ -176,16 +190,21 @@ class AgentSDConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "AgentSDConfig":
+    def from_dict(cls, data: dict[str, Any], source: str = "settings") -> "AgentSDConfig":
         """Inverse of :meth:`to_dict`; missing fields take their defaults.
 
+        Keys that are not settings (written by a newer version of agentsd) are ignored with a
+        warning that names them and ``source``, as diffusers' ``ConfigMixin`` does.
+
         Raises:
-            ValueError: for a field that is not a setting, or a value out of range.
+            ValueError: for a value out of range.
         """
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        known = cls.__dataclass_fields__
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            raise ValueError(f"unknown AgentSD setting(s) {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
+            logger.warning("%s: ignoring unknown AgentSD setting(s) %s (from a newer agentsd?); valid: %s",
+                           source, unknown, sorted(known))
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 def save_config(config: AgentSDConfig, folder: str | Path) -> Path:
@@ -218,7 +237,7 @@ def load_config(path: str | Path) -> AgentSDConfig:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object of AgentSD settings")
-    return AgentSDConfig.from_dict(data)
+    return AgentSDConfig.from_dict(data, source=str(file))
 
 
 def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -229,6 +248,8 @@ def _check_choice(name: str, value: Any, choices: tuple[Any, ...]) -> None:
 def _check_number(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -242,8 +263,8 @@ def _check_range(
     name: str, value: Any, low: float, high: float, *, low_open: bool, high_open: bool = True
 ) -> None:
     _check_number(name, value)
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
+    above_low = value > low if low_open else value >= low
+    below_high = value < high if high_open else value <= high
+    if not (above_low and below_high):  # written so that NaN fails too
         interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be in {interval}, got {value}")

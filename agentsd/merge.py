@@ -67,6 +67,17 @@ class TokenMerge:
         b, m, c = y.shape
         return y.reshape(b * m, c).index_select(0, self.index).view(b, self.num_tokens, c)
 
+    @property
+    def batch(self) -> int:
+        """B, the number of batch elements."""
+        return self.index.numel() // self.num_tokens
+
+    def rows(self, start: int, count: int) -> "TokenMerge":
+        """The merge of batch elements ``start`` to ``start + count - 1`` alone."""
+        n, m = self.num_tokens, self.num_slots
+        index = self.index[start * n:(start + count) * n] - start * m
+        return TokenMerge(index, self.counts[start * m:(start + count) * m], n, m)
+
 
 def cell_dst(
     h: int, w: int, sx: int, sy: int, key: torch.Tensor | None, device: torch.device | str = "cpu"

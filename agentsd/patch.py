@@ -3,24 +3,26 @@
 The data path of a patched UNet, top to bottom:
 
 1. :func:`apply_patch` finds the transformer blocks whose self-attention (``attn1``) is at the
-   chosen resolution level, and registers the hooks of :mod:`agentsd.hooks` and the processors of
-   :mod:`agentsd.processor` on them, sharing one :class:`~agentsd.state.PatchState`.
-2. Every UNet call, :class:`~agentsd.hooks.StepHook` selects the phase and the step's key.
-3. Every patched block, :class:`~agentsd.hooks.MatchHook` matches its input tokens
-   (:mod:`agentsd.merge`).
-4. The processor merges, runs (agent) attention on SDPA (:mod:`agentsd.agent_attention`) and
-   unmerges.
+   chosen resolution level and registers the hooks of :mod:`agentsd.hooks`: two PyTorch forward
+   hooks on the UNet, and diffusers ``ModelHook`` s on each block and its layers.
+2. Every UNet call, :class:`~agentsd.hooks.StepBegin` reads the timestep and opens the call's
+   :class:`~agentsd.context.Step`: its phase, latent size and random key (:mod:`agentsd.phase`).
+3. Every patched block, :class:`~agentsd.hooks.BlockHook` matches its input tokens
+   (:mod:`agentsd.merge`) or pools them (:mod:`agentsd.pool`) and keeps the reductions with the
+   call (:mod:`agentsd.reduce`, :mod:`agentsd.context`).
+4. :class:`~agentsd.hooks.SelfAttentionHook` merges, runs (agent) attention on SDPA
+   (:mod:`agentsd.attention`, :mod:`agentsd.agent_attention`) and unmerges.
 
-No diffusers class is replaced. Removal takes the hooks out of the modules' hook dicts and
-restores the same processor objects, so the modules are exactly as they were.
+No diffusers class, processor or module is replaced. Removal takes the hooks out, so the modules
+are exactly as they were.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any, ContextManager, NoReturn, ParamSpec
+from collections.abc import Iterator
+from typing import Any, NoReturn
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -28,24 +30,19 @@ from diffusers.models.attention_processor import Attention
 
 from .config import UNSET, AgentSDConfig, PoolMode, Reduction
 from .hooks import (
-    HOOK_TYPES, FeedForwardMergeHook, FeedForwardUnmergeHook, MatchHook, ReleaseHook, ReportHook, StepHook,
+    BLOCK_HOOK, CROSS_ATTENTION_HOOK, FEED_FORWARD_HOOK, SELF_ATTENTION_HOOK, Argument, BlockHook,
+    CrossAttentionHook, FeedForwardHook, Patch, SelfAttentionHook, StepBegin, StepEnd, register, unregister,
 )
-from .processor import AgentSDAttnProcessor, MergedCrossAttnProcessor, restore, unwrap, wrap
-from .state import BlockState, PatchState
+from .merge import mix32
 
 logger = logging.getLogger(__name__)
-P = ParamSpec("P")
 
-_STATE_ATTR = "_agentsd_state"
+_PATCH_ATTR = "_agentsd_patch"
 #: Private key of the UNet config (saved in its ``config.json``) that holds stored settings.
 CONFIG_KEY = "_agentsd_config"
 SUPPORTED = (
     "a diffusers pipeline with a UNet2DConditionModel `unet` (Stable Diffusion 1.x/2.x, SDXL, "
     "img2img, inpaint, ControlNet, ...) or a bare UNet2DConditionModel, also wrapped by torch.compile"
-)
-_HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
-    "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
 )
 
 
@@ -192,11 +189,17 @@ def apply_patch(
     if unknown:
         raise TypeError(f"apply_patch() got unknown keyword(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
     given = {k: v for k, v in locals().items() if k in SETTINGS and v is not UNSET}
-    unet, pipeline = _unet_of(model)
+    unet, _ = _unet_of(model)
     if config is not None and not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
-    base = config or stored_config(unet) or AgentSDConfig()
+    if config is not None:
+        base, source = config, {name: "config" for name in SETTINGS}
+    else:
+        stored = unet.config.get(CONFIG_KEY)
+        base = stored_config(unet) or AgentSDConfig()
+        source = {name: "stored with the model" for name in (stored or {}) if name in SETTINGS}
     config = dataclasses.replace(base, **given)
+    source.update(dict.fromkeys(given, "given"))
     layers = self_attention_layers(unet, config.max_downsample)
     if not layers:
         levels = _attention_levels(unet)
@@ -208,26 +211,36 @@ def apply_patch(
     blocks = _transformer_blocks(unet, layers)
     remove_patch(unet)
 
-    state = PatchState(config, pipeline)
-    for name, (block, factor) in blocks.items():
-        block_state = BlockState(state, len(state.blocks), factor, name)
-        state.blocks.append(block_state)
-        block.register_forward_pre_hook(MatchHook(block_state), with_kwargs=True)
-        block.register_forward_hook(ReleaseHook(block_state), always_call=True)
-        block_state.layers.append((block.attn1, AgentSDAttnProcessor))
+    patch = Patch(config, Argument.of(unet, "sample"), Argument.of(unet, "timestep"))
+    for index, (name, (block, factor)) in enumerate(blocks.items()):
+        hook = BlockHook(patch, name, factor, salt=mix32(index + 0x9E3779B9))
+        patch.blocks.append(hook)
+        layers = [(name, hook, BLOCK_HOOK), (f"{name}.attn1", SelfAttentionHook(patch, f"{name}.attn1"),
+                                              SELF_ATTENTION_HOOK)]
         if config.merge_crossattn and getattr(block, "attn2", None) is not None:
-            block_state.layers.append((block.attn2, MergedCrossAttnProcessor))
-        for attn, cls in block_state.layers:
-            wrap(attn, cls, block_state)
+            layers.append((f"{name}.attn2", CrossAttentionHook(patch, f"{name}.attn2"), CROSS_ATTENTION_HOOK))
         if config.merge_mlp and getattr(block, "ff", None) is not None:
-            block.ff.register_forward_pre_hook(FeedForwardMergeHook(block_state))
-            block.ff.register_forward_hook(FeedForwardUnmergeHook(block_state))
-    unet.register_forward_pre_hook(StepHook(state), with_kwargs=True)
-    unet.register_forward_hook(ReportHook(state), always_call=True)
-    setattr(unet, _STATE_ATTR, state)
+            layers.append((f"{name}.ff", FeedForwardHook(patch, f"{name}.ff"), FEED_FORWARD_HOOK))
+        for module_name, layer_hook, hook_name in layers:
+            if register(unet.get_submodule(module_name), layer_hook, hook_name):
+                patch.new_registries.append(module_name)
+            patch.hooked.append((module_name, hook_name))
+    patch.handles = [
+        unet.register_forward_pre_hook(StepBegin(patch), with_kwargs=True),
+        unet.register_forward_hook(StepEnd(patch), always_call=True),
+    ]
+    setattr(unet, _PATCH_ATTR, patch)
     logger.info("AgentSD on %d transformer blocks at downsampling %s (%s): %s", len(blocks),
-                sorted({f for _, f in blocks.values()}), ", ".join(blocks), config)
+                sorted({f for _, f in blocks.values()}), ", ".join(blocks), _describe(config, source))
     return model
+
+
+def _describe(config: AgentSDConfig, source: dict[str, str]) -> str:
+    """The settings, each with where it came from: given, config, stored with the model, default."""
+    groups: dict[str, list[str]] = {}
+    for name in SETTINGS:
+        groups.setdefault(source.get(name, "default"), []).append(f"{name}={getattr(config, name)!r}")
+    return "; ".join(f"{where}: {', '.join(values)}" for where, values in groups.items())
 
 
 #: The settings of :func:`apply_patch`: the fields of :class:`~agentsd.config.AgentSDConfig`.
@@ -235,29 +248,19 @@ SETTINGS = tuple(AgentSDConfig.__dataclass_fields__)
 
 
 def remove_patch(model: Any) -> Any:
-    """Undo :func:`apply_patch`: the hooks go, and each patched attention gets back the processor
-    under AgentSD's wrapper: the one it had before patching, or the one set on it since (by
-    ``set_attn_processor``, attention slicing, ...). The modules are then exactly as they were.
+    """Undo :func:`apply_patch`: the hooks go, so the model is exactly as it was, with whatever
+    processors were set on it before or since.
 
     Does nothing on a model that is not patched. Returns ``model``.
     """
     unet, _ = _unet_of(model)
-    if unet.__dict__.pop(_STATE_ATTR, None) is None:
+    patch = unet.__dict__.pop(_PATCH_ATTR, None)
+    if patch is None:
         return model
-    for module in unet.modules():
-        for attr in _HOOK_DICTS:
-            hooks = module.__dict__.get(attr)
-            if hooks:
-                for key in [k for k, hook in hooks.items() if isinstance(hook, HOOK_TYPES)]:
-                    del hooks[key]
-                    for other in _HOOK_DICTS:  # the with_kwargs / always_call flags of that hook
-                        module.__dict__.get(other, {}).pop(key, None)
-        if isinstance(module, Attention):
-            restore(module)
-    # processors diffusers keeps to put back later (fuse_qkv_projections / unfuse_qkv_projections)
-    saved = getattr(unet, "original_attn_processors", None)
-    if isinstance(saved, dict):
-        unet.original_attn_processors = {name: unwrap(p) for name, p in saved.items()}
+    for handle in patch.handles:
+        handle.remove()
+    for module_name, hook_name in reversed(patch.hooked):
+        unregister(unet.get_submodule(module_name), hook_name, module_name in patch.new_registries)
     return model
 
 
@@ -278,37 +281,34 @@ def stored_config(model: Any) -> AgentSDConfig | None:
     """The settings stored with ``model`` by :func:`store_config`, or None."""
     unet, _ = _unet_of(model)
     data = unet.config.get(CONFIG_KEY)
-    return AgentSDConfig.from_dict(data) if data is not None else None
+    return AgentSDConfig.from_dict(data, source="the settings stored with the model") if data is not None else None
 
 
 def is_patched(model: Any) -> bool:
     """Whether ``model`` (pipeline or UNet) carries an AgentSD patch."""
     unet, _ = _unet_of(model)
-    return _STATE_ATTR in unet.__dict__
+    return _PATCH_ATTR in unet.__dict__
 
 
 def patch_config(model: Any) -> AgentSDConfig | None:
     """The settings of the patch on ``model``, or None when it is not patched."""
     unet, _ = _unet_of(model)
-    state = unet.__dict__.get(_STATE_ATTR)
-    return state.config if state is not None else None
+    patch = unet.__dict__.get(_PATCH_ATTR)
+    return patch.config if patch is not None else None
 
 
-def _as_context(patch: Callable[P, Any]) -> Callable[P, ContextManager[Any]]:
-    @contextlib.contextmanager
-    def patched(*args: P.args, **kwargs: P.kwargs) -> Iterator[Any]:
-        model = patch(*args, **kwargs)
-        try:
-            yield model
-        finally:
-            remove_patch(model)
+@contextlib.contextmanager
+def patched(model: Any, ratio: float | None = UNSET, **settings: Any) -> Iterator[Any]:
+    """Context manager form: ``with agentsd.patched(pipe, ratio=0.4): pipe(...)``.
 
-    patched.__wrapped__ = patch  # type: ignore[attr-defined]  # help() shows apply_patch's keywords
-    return patched
-
-
-patched = _as_context(apply_patch)
-patched.__doc__ = """Context manager form: ``with agentsd.patched(pipe, ratio=0.4): pipe(...)``.
-
-Takes the arguments of :func:`apply_patch`. Restores the model on exit, also after an error.
-"""
+    Takes the arguments of :func:`apply_patch`. On exit, also after an error, the model is as it
+    was on entry: unpatched, or with the patch it had then (its settings).
+    """
+    earlier = patch_config(model)
+    apply_patch(model, ratio, **settings)
+    try:
+        yield model
+    finally:
+        remove_patch(model)
+        if earlier is not None:
+            apply_patch(model, config=earlier)
