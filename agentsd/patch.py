@@ -132,6 +132,7 @@ def apply_patch(
     use_rand: bool = UNSET,
     merge_crossattn: bool = UNSET,
     merge_mlp: bool = UNSET,
+    top_left_for_odd_batches: bool = UNSET,
     **unknown: NoReturn,
 ) -> Any:
     """Turn a diffusers pipeline or UNet into AgentSD.
@@ -174,6 +175,10 @@ def apply_patch(
         attn_precision: ``"fp32"`` runs the attention in fp32 (SD 2.1 in fp16); default None.
         seed: seed of the random dst choice (the same seed and timestep give the same merges); default 0.
         use_rand: draw the dst token of every cell at random (False: its top-left token); default True.
+            The draw is the same for every image of a batch and comes from ``seed`` and the
+            timestep, so an image does not depend on the rest of its batch.
+        top_left_for_odd_batches: the official code's rule, for reproducing it exactly: a batch
+            of odd size takes the top-left token of every cell; default False.
         merge_crossattn: run the cross-attention of the patched blocks on the merged tokens too; default False.
         merge_mlp: run the feed-forward of the patched blocks on the merged tokens too; default False.
 

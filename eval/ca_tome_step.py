@@ -30,7 +30,17 @@ from typing import Any
 
 import torch
 
-from agentsd.schedule import position_in
+
+
+def position_in(timestep: torch.Tensor, schedule: torch.Tensor) -> int | None:
+    """The index ``i`` when ``timestep`` is a view of ``schedule[i]`` (possibly expanded), read
+    from storage offsets on the host; None otherwise."""
+    one_element = all(stride == 0 or size == 1 for stride, size in zip(timestep.stride(), timestep.shape))
+    if (schedule.ndim != 1 or schedule.stride(0) != 1 or not one_element
+            or timestep.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr()):
+        return None
+    index = timestep.storage_offset() - schedule.storage_offset()
+    return index if 0 <= index < schedule.numel() else None
 
 
 class StepArgument:

@@ -4,23 +4,22 @@ The self-attention layers of the top level of the UNet get their keys and values
 downsampled token grid: the hidden states that feed ``to_k`` and ``to_v`` are laid out on the
 latent grid and shrunk by ``factor`` per axis with ``F.interpolate`` (``mode``, nearest by
 default), so with factor 2 there are 4x fewer keys and values. The queries keep every token,
-so the output has every token and nothing is unmerged. ToDo is on while the denoising progress
-is below ``off_after`` and off for the remaining steps, when details are drawn.
+so the output has every token and nothing is unmerged. ToDo is on for the first ``off_after``
+of the noise levels, ``t >= (1 - off_after) * 1000``, and off for the rest, when details are drawn
+(the rule AgentSD's phase follows).
 
 Defaults: factor 2, nearest, the top level only, as in the authors' code
 (ethansmith2000/ImprovedTokenMerge); off after 80 % of the steps, the end of the 60-80 %
 recommended by the token-downsampling port for stable-diffusion-webui that follows it (the
 authors' own code keeps it on to the last step, ``off_after=1``).
 
-A UNet forward pre-hook records the latent size and whether ToDo is on for this call; on a
-pipeline the progress is the step's index among the run's steps, on a bare UNet ``1 - t / 1000``
-(:func:`agentsd.schedule.denoising_progress`). :func:`remove_todo` puts back the processor
+A UNet forward pre-hook records the latent size and whether ToDo is on for this call, from the
+call's timestep (:func:`agentsd.timestep_value`). :func:`remove_todo` puts back the processor
 objects it replaced, so the model is the original again, bit for bit.
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import agentsd
-from agentsd.schedule import denoising_progress
+from agentsd.config import NUM_TRAIN_TIMESTEPS
 
 #: ``F.interpolate`` modes that shrink a grid.
 MODES = ("nearest", "nearest-exact", "area", "bilinear", "bicubic")
@@ -65,9 +64,8 @@ class ToDoState:
     """What the hook tells the processors of one patched UNet: the latent size and whether ToDo
     is on for the UNet call in progress."""
 
-    def __init__(self, settings: ToDoSettings, pipeline: Any | None) -> None:
+    def __init__(self, settings: ToDoSettings) -> None:
         self.settings = settings
-        self._pipeline = weakref.ref(pipeline) if pipeline is not None else None
         self.latent_size: tuple[int, int] | None = None
         self.on = False
 
@@ -77,9 +75,9 @@ class ToDoState:
         sample = args[0] if args else kwargs["sample"]
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
-        pipe = self._pipeline() if self._pipeline is not None else None
-        progress = denoising_progress(timestep, getattr(pipe, "scheduler", None), getattr(pipe, "_num_timesteps", None))
-        self.on = self.settings.off_after == 1 or progress < self.settings.off_after
+        off_after = self.settings.off_after
+        t = agentsd.timestep_value(timestep)
+        self.on = off_after == 1 or t >= (1 - off_after) * NUM_TRAIN_TIMESTEPS
 
 
 class ToDoAttnProcessor:
@@ -145,26 +143,25 @@ class ToDoPatch:
             unet.get_submodule(name).set_processor(processor)
 
 
-def _unet_and_pipeline(model: Any) -> tuple[torch.nn.Module, Any | None]:
-    unet = getattr(model, "unet", None)
-    return (getattr(unet, "_orig_mod", unet), model) if unet is not None else (getattr(model, "_orig_mod", model), None)
+def _unet(model: Any) -> torch.nn.Module:
+    unet = getattr(model, "unet", model)
+    return getattr(unet, "_orig_mod", unet)
 
 
 def apply_todo(model: Any, settings: ToDoSettings | None = None, **changes: Any) -> Any:
-    """ToDo on a diffusers pipeline (the off step follows its scheduler) or a bare UNet (the
-    timestep). ``changes`` are fields of :class:`ToDoSettings`; a patch already there is
-    replaced. Returns ``model``."""
+    """ToDo on a diffusers pipeline or a bare UNet. ``changes`` are fields of
+    :class:`ToDoSettings`; a patch already there is replaced. Returns ``model``."""
     settings = ToDoSettings(**{**(settings or ToDoSettings()).to_dict(), **changes})
-    unet, pipeline = _unet_and_pipeline(model)
+    unet = _unet(model)
     remove_todo(model)
-    unet._todo_patch = ToDoPatch(unet, ToDoState(settings, pipeline))
+    unet._todo_patch = ToDoPatch(unet, ToDoState(settings))
     return model
 
 
 def remove_todo(model: Any) -> Any:
     """Take ToDo off ``model`` (nothing happens if it has none): the hook goes, the replaced
     processor objects come back."""
-    unet, _ = _unet_and_pipeline(model)
+    unet = _unet(model)
     patch = unet.__dict__.pop("_todo_patch", None)
     if patch is not None:
         patch.remove(unet)

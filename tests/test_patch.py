@@ -7,7 +7,6 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from PIL import Image
 
 import agentsd
-from agentsd.processor import AgentSDAttnProcessor
 
 import tiny
 
@@ -20,11 +19,18 @@ def run(pipe, seed=0, **kwargs):
     return out.images
 
 
-def record_phases(unet):
-    """Record the phase chosen for every UNet call."""
-    phases = []
-    unet.register_forward_hook(lambda m, a, o: phases.append(m._agentsd_state.phase))
-    return phases
+def module_state(unet):
+    """What the patch could leave behind: every module's attributes, hooks and processor."""
+    return {name: (dict(m.__dict__), dict(m._forward_pre_hooks), dict(m._forward_hooks)) for name, m in unet.named_modules()}
+
+
+def same_state(before, after):
+    assert before.keys() == after.keys()
+    for name in before:
+        (attrs, pre, post), (attrs2, pre2, post2) = before[name], after[name]
+        assert attrs.keys() == attrs2.keys(), (name, set(attrs) ^ set(attrs2))
+        assert all(attrs[k] is attrs2[k] for k in attrs), name
+        assert pre == pre2 and post == post2, name
 
 
 @pytest.fixture(scope="module")
@@ -33,47 +39,46 @@ def sd1():
 
 
 # ----------------------------------------------------------------------------- restoration
-def test_remove_restores_exactly_including_custom_processors(sd1):
+@pytest.mark.parametrize("options", [{}, dict(merge_crossattn=True, merge_mlp=True)])
+def test_remove_restores_exactly_including_custom_processors(sd1, options):
     pipe = sd1
     custom = AttnProcessor()  # a user-chosen processor on one self-attention
     pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.set_processor(custom)
     before = dict(pipe.unet.attn_processors)
-    dict_keys = {name: set(m.__dict__) for name, m in pipe.unet.named_modules()}
-    hooks = len(pipe.unet._forward_pre_hooks)
+    state = module_state(pipe.unet)
     reference = run(pipe)
 
-    agentsd.apply_patch(pipe, ratio=0.5)
+    agentsd.apply_patch(pipe, ratio=0.5, **options)
     patched = run(pipe)
     assert not np.array_equal(patched, reference)
-    wrapped = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor
-    assert isinstance(wrapped, AgentSDAttnProcessor) and wrapped.base is custom
+    during = pipe.unet.attn_processors  # the processors are the user's, before and during the patch
+    assert during.keys() == before.keys() and all(during[k] is before[k] for k in before)
 
     agentsd.remove_patch(pipe)
     after = pipe.unet.attn_processors
     assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
-    assert {name: set(m.__dict__) for name, m in pipe.unet.named_modules()} == dict_keys
-    assert len(pipe.unet._forward_pre_hooks) == hooks
+    same_state(state, module_state(pipe.unet))
     assert np.array_equal(run(pipe), reference)  # bit for bit
     pipe.unet.set_attn_processor(AttnProcessor2_0())
 
 
 def test_second_apply_replaces_first_and_remove_on_unpatched_is_noop(sd1):
     pipe = sd1
-    originals = dict(pipe.unet.attn_processors)
+    state = module_state(pipe.unet)
     agentsd.remove_patch(pipe)  # not patched: nothing happens
-    assert all(pipe.unet.attn_processors[k] is v for k, v in originals.items())
+    same_state(state, module_state(pipe.unet))
     agentsd.apply_patch(pipe, ratio=0.2)
     agentsd.apply_patch(pipe, ratio=0.3, sx=2, sy=2)
     assert agentsd.patch_config(pipe).ratio == 0.3 and len(pipe.unet._forward_pre_hooks) == 1
-    for proc in pipe.unet.attn_processors.values():
-        if isinstance(proc, AgentSDAttnProcessor):
-            assert not isinstance(proc.base, AgentSDAttnProcessor)  # no nesting
+    for hook in tiny.self_attention_hooks(pipe.unet).values():  # one hook per layer, no nesting
+        registry = pipe.unet.get_submodule(hook.name)._diffusers_hook
+        assert registry._hook_order == ["agentsd.self_attention"]
     twice = run(pipe)
     agentsd.remove_patch(pipe)
     agentsd.apply_patch(pipe, ratio=0.3, sx=2, sy=2)
     assert np.array_equal(run(pipe), twice)
     agentsd.remove_patch(pipe)
-    assert all(pipe.unet.attn_processors[k] is v for k, v in originals.items())
+    same_state(state, module_state(pipe.unet))
     assert not agentsd.is_patched(pipe)
 
 
@@ -88,6 +93,17 @@ def test_context_manager_restores_even_on_error(sd1):
             raise RuntimeError("boom")
     assert not agentsd.is_patched(sd1)
     assert np.array_equal(run(sd1), reference)
+
+
+def test_nested_context_managers_give_the_earlier_patch_back(sd1):
+    agentsd.apply_patch(sd1, ratio=0.3, seed=3)
+    earlier, images = agentsd.patch_config(sd1), run(sd1)
+    with agentsd.patched(sd1, reduction="pool"):
+        with agentsd.patched(sd1, ratio=0.5):
+            assert agentsd.patch_config(sd1).ratio == 0.5
+        assert agentsd.patch_config(sd1).reduction == "pool"
+    assert agentsd.patch_config(sd1) == earlier and np.array_equal(run(sd1), images)
+    agentsd.remove_patch(sd1)
 
 
 # ----------------------------------------------------------------------------- behaviour
@@ -142,9 +158,16 @@ def test_use_rand_and_odd_batches():
 
     assert not torch.equal(out(2), out(2, use_rand=False))
     assert not torch.equal(out(2, seed=1), out(2, seed=2))
-    # an odd batch cannot hold both CFG halves: top-left dst, as with use_rand=False
-    assert torch.equal(out(1), out(1, use_rand=False))
-    assert torch.equal(out(1, seed=1), out(1, seed=2))
+    # by default an image does not depend on its batch: the same random dst alone (up to float
+    # reordering of a batched matmul)
+    torch.testing.assert_close(out(1), out(2)[:1], atol=1e-5, rtol=0)
+    assert (out(1) - out(1, use_rand=False)).abs().max() > 1e-3
+    assert not torch.equal(out(1, seed=1), out(1, seed=2))
+    # the official rule, kept as an option: an odd batch takes the top-left dst, as with use_rand=False
+    official = dict(top_left_for_odd_batches=True)
+    assert torch.equal(out(1, **official), out(1, use_rand=False))
+    assert torch.equal(out(1, seed=1, **official), out(1, seed=2, **official))
+    assert torch.equal(out(2, **official), out(2))
 
 
 @pytest.mark.parametrize("option", ["merge_crossattn", "merge_mlp"])
@@ -159,6 +182,7 @@ def test_merge_crossattn_and_mlp_change_output_and_are_removed_exactly(sd1, opti
     assert np.isfinite(merged).all() and not np.array_equal(merged, default)
     assert all(sd1.unet.attn_processors[k] is v for k, v in processors.items())
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in sd1.unet.modules())
+    assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in sd1.unet.modules())
     assert np.array_equal(run(sd1), reference)
 
 
@@ -170,16 +194,13 @@ def test_deepcopy_is_an_independent_patched_model():
     agentsd.apply_patch(pipe, ratio=0.5)
     patched = run(pipe)
     twin = copy.deepcopy(pipe)
-    state, twin_state = pipe.unet._agentsd_state, twin.unet._agentsd_state
-    assert twin_state is not state and twin_state.pipeline is twin
-    assert np.array_equal(run(twin), patched)
-    run(twin, height=48, width=80)  # the copy's hook updates the copy's state only
-    assert twin_state.latent_size == (12, 20) and state.latent_size == (16, 16)
+    assert agentsd.is_patched(twin) and np.array_equal(run(twin), patched)
+    with torch.no_grad():  # the copy computes with its own weights
+        for param in twin.unet.parameters():
+            param.mul_(0.5)
+    assert not np.array_equal(run(twin), patched) and np.array_equal(run(pipe), patched)
     agentsd.remove_patch(twin)
-    assert np.array_equal(run(twin), reference)
     assert agentsd.is_patched(pipe) and np.array_equal(run(pipe), patched)
-    unet_copy = copy.deepcopy(pipe.unet)  # a UNet copied alone follows the timestep
-    assert unet_copy._agentsd_state.pipeline is None and agentsd.is_patched(unet_copy)
     agentsd.remove_patch(pipe)
     assert np.array_equal(run(pipe), reference)
 
@@ -200,42 +221,50 @@ def test_compiled_wrappers_are_accepted():
 @pytest.mark.parametrize(
     "scheduler,steps,guidance,agent_calls",
     [
-        (None, 10, 7.5, 5),  # PLMS: 11 calls for 10 steps (the first repeats a timestep)
-        (EulerDiscreteScheduler, 5, 1.0, 2),  # guidance off: steps 0-1 of 5
-        (DPMSolverMultistepScheduler, 10, 3.0, 4),
-        (HeunDiscreteScheduler, 5, 7.5, 5),  # 2 calls a step: 9 timesteps, the first 3 steps
+        (None, 10, 7.5, 5),  # PLMS: 11 calls for 10 steps (901, 801, 801, 701, 601 >= 600)
+        (EulerDiscreteScheduler, 5, 1.0, 2),  # guidance off: 999, 749.25
+        (DPMSolverMultistepScheduler, 10, 3.0, 4),  # 999, 899, 799, 699
+        (HeunDiscreteScheduler, 5, 7.5, 3),  # both calls of a step alike: 999, 749.25, 749.25
     ],
 )
-def test_phase_follows_step_index_for_any_scheduler(sd1, scheduler, steps, guidance, agent_calls):
+def test_phase_follows_the_timestep_for_any_scheduler(sd1, scheduler, steps, guidance, agent_calls):
     original = sd1.scheduler
     if scheduler is not None:
         sd1.scheduler = scheduler.from_config(original.config)
     with agentsd.patched(sd1, agent_fraction=0.4):
-        phases = record_phases(sd1.unet)
+        phases = tiny.record_phases(sd1)
         run(sd1, num_inference_steps=steps, guidance_scale=guidance)
-    sd1.unet._forward_hooks.clear()
+        timesteps = sd1.scheduler.timesteps.tolist()
+    sd1.unet._forward_pre_hooks.clear()
     sd1.scheduler = original
-    agent = [p.agent_ratio is not None for p in phases]
-    assert agent == [True] * agent_calls + [False] * (len(phases) - agent_calls)
+    assert phases == ["agent"] * agent_calls + ["late"] * (len(phases) - agent_calls)
+    assert sum(t >= 600 for t in timesteps) == agent_calls  # the rule, t >= (1 - 0.4) * 1000
 
 
-def test_phase_on_bare_unet_follows_timestep():
-    unet = tiny.unet("sd1")
-    agentsd.apply_patch(unet, agent_fraction=0.4)
-    phases = record_phases(unet)
-    with torch.no_grad():
-        for t in (999, 700, 601, 599, 10):
-            unet(torch.randn(1, 4, 16, 16), torch.tensor([t]), torch.randn(1, 77, 32))
-    assert [p.agent_ratio is not None for p in phases] == [True, True, True, False, False]
+def test_official_recipe_by_timestep():
+    """50 PNDM/PLMS steps: the agent phase is steps 0-19, timesteps 981 to 601, as in the official code."""
+    config = agentsd.AgentSDConfig()
+    from diffusers import PNDMScheduler
+
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+    scheduler.set_timesteps(50)
+    steps = list(dict.fromkeys(scheduler.timesteps.tolist()))  # PLMS repeats its first timestep
+    agent = [t for t in steps if config.phase_at(t).agent_ratio is not None]
+    assert agent == steps[:20] and (agent[0], agent[-1], steps[20]) == (981, 601, 581)
+    assert config.phase_at(999) is config.agent_phase and config.phase_at(0) is config.tome_phase
+    assert agentsd.AgentSDConfig(agent_fraction=0.0).phase_at(1000).agent_ratio is None
+    assert agentsd.AgentSDConfig(agent_fraction=1.0).phase_at(0).agent_ratio is not None
 
 
-def test_img2img_phase_counts_the_steps_it_runs():
-    pipe = tiny.sd_pipeline(cls=tiny.StableDiffusionImg2ImgPipeline)
-    agentsd.apply_patch(pipe, agent_fraction=0.4)
-    phases = record_phases(pipe.unet)
-    run(pipe, image=Image.new("RGB", (64, 64), "red"), strength=0.5, num_inference_steps=10)
-    # PLMS: 6 calls for the 5 steps run; the first 40 % of them (progress 0, 1/6, 2/6)
-    assert [p.agent_ratio is not None for p in phases] == [True] * 3 + [False] * 3
+@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, None), (torch.float16, None), (torch.float16, "fp32")])
+def test_pipeline_moved_to_dtype_after_patching(dtype, precision):
+    pipe = tiny.sd_pipeline()
+    agentsd.apply_patch(pipe, agent_fraction=1.0, attn_precision=precision)
+    pipe.to(dtype=dtype)
+    phases = tiny.record_phases(pipe)
+    out = pipe("a", num_inference_steps=2, height=64, width=64, output_type="latent").images
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert phases and set(phases) == {"agent"}  # PLMS: 3 calls for 2 steps
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -283,7 +312,7 @@ def test_sdxl_with_defaults_patches_its_highest_attention_level():
     reference = run(pipe, num_inference_steps=3)
     with agentsd.patched(pipe, agent_fraction=1.0):
         assert agentsd.patch_config(pipe).max_downsample is None  # the default: highest level with attention
-        patched = [n for n, p in pipe.unet.attn_processors.items() if isinstance(p, AgentSDAttnProcessor)]
+        patched = list(tiny.self_attention_hooks(pipe.unet))
         assert patched and all(name.startswith(("down_blocks.1", "up_blocks.1")) for name in patched)
         out = run(pipe, num_inference_steps=3)
     assert out.shape == reference.shape and not np.array_equal(out, reference)
@@ -310,17 +339,6 @@ def test_bare_unet_any_latent_size(hw):
     assert out.shape == sample.shape and torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("dtype,precision", [(torch.bfloat16, None), (torch.float16, None), (torch.float16, "fp32")])
-def test_pipeline_moved_to_dtype_after_patching(dtype, precision):
-    pipe = tiny.sd_pipeline()
-    agentsd.apply_patch(pipe, agent_fraction=1.0, attn_precision=precision)
-    pipe.to(dtype=dtype)
-    phases = record_phases(pipe.unet)
-    out = pipe("a", num_inference_steps=2, height=64, width=64, output_type="latent").images
-    assert out.dtype == dtype and torch.isfinite(out).all()
-    assert phases and all(p.agent_ratio is not None for p in phases)  # PLMS: 3 calls for 2 steps
-
-
 # ----------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     "kwargs,error,match",
@@ -337,14 +355,20 @@ def test_pipeline_moved_to_dtype_after_patching(dtype, precision):
         (dict(max_downsample=3), ValueError, "power of two"),
         (dict(attn_precision="fp8"), ValueError, "attn_precision"),
         (dict(rato=0.4), TypeError, "rato"),
+        (dict(ratio=float("nan")), ValueError, "ratio must be a finite number"),
+        (dict(agent_fraction=float("nan")), ValueError, "agent_fraction must be a finite number"),
+        (dict(k_shortcut=float("nan")), ValueError, "k_shortcut must be a finite number"),
+        (dict(k_scale2=float("inf")), ValueError, "k_scale2 must be a finite number"),
+        (dict(tome_ratio=float("-inf")), ValueError, "tome_ratio must be a finite number"),
+        (dict(top_left_for_odd_batches=1), TypeError, "top_left_for_odd_batches must be a bool"),
     ],
 )
 def test_bad_arguments_raise_and_leave_model_untouched(sd1, kwargs, error, match):
-    originals = dict(sd1.unet.attn_processors)
+    state = module_state(sd1.unet)
     with pytest.raises(error, match=match):
         agentsd.apply_patch(sd1, **kwargs)
     assert not agentsd.is_patched(sd1)
-    assert all(sd1.unet.attn_processors[k] is v for k, v in originals.items())
+    same_state(state, module_state(sd1.unet))
 
 
 @pytest.mark.parametrize("model", [torch.nn.Linear(2, 2), "runwayml/stable-diffusion-v1-5", None])

@@ -120,12 +120,34 @@ def controlnet_pipeline() -> StableDiffusionControlNetPipeline:
     return sd_pipeline(cls=StableDiffusionControlNetPipeline, controlnet=controlnet)
 
 
+
+
+def record_phases(model) -> list[str]:
+    """The phase of every call of a patched model from now on, ``"agent"`` or ``"late"``, read by
+    a forward pre-hook that runs after AgentSD's (it must be patched first)."""
+    from agentsd import context
+
+    phases: list[str] = []
+    unet = getattr(model, "unet", model)
+    unet.register_forward_pre_hook(
+        lambda m, a: phases.append("agent" if context.current().phase.agent_ratio is not None else "late"))
+    return phases
+
+
+def self_attention_hooks(unet) -> dict:
+    """``{attn1 name: its AgentSD hook}`` of a patched UNet."""
+    return {name: m._diffusers_hook.get_hook("agentsd.self_attention") for name, m in unet.named_modules()
+            if getattr(m, "_diffusers_hook", None) is not None and m._diffusers_hook.get_hook("agentsd.self_attention")}
+
+
 __all__ = [
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "controlnet_pipeline",
+    "record_phases",
     "sd_pipeline",
     "sdxl_pipeline",
+    "self_attention_hooks",
     "tokenizer",
     "unet",
 ]
