@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import agentsd
+from agentsd import context
 import tiny
 
 DeepCache = pytest.importorskip("DeepCache")
@@ -58,9 +59,9 @@ def test_phases_are_the_same_on_cached_and_full_steps():
     def record():
         calls = []
         # after agentsd's own pre-hook, which picks the phase
-        unet_hook = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append([m._agentsd_state.phase]))
-        attn_hook = attn1.register_forward_hook(
-            lambda m, a, o: calls[-1].append(m.processor.block.merges is not None)
+        unet_hook = pipe.unet.register_forward_pre_hook(lambda m, a: calls.append([context.current().phase]))
+        attn_hook = attn1.register_forward_pre_hook(  # the block's reductions, on the stack
+            lambda m, a: calls[-1].append(type(context.current()) is context.BlockCall)
         )
         return calls, (unet_hook, attn_hook)
 

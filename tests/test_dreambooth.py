@@ -51,14 +51,13 @@ def settings(base: str, instance: Path, out: Path, **kwargs) -> DreamBoothSettin
 
 def agent_phases(pipe: StableDiffusionPipeline, steps: int = 3) -> list[bool]:
     """Generate once; for every UNet call (one per timestep), whether it ran the agent phase."""
-    phases: list[bool] = []
-    hook = pipe.unet.register_forward_hook(
-        lambda module, args, out: phases.append(module._agentsd_state.phase.agent_ratio is not None)
-    )
+    hooks = dict(pipe.unet._forward_pre_hooks)
+    phases = tiny.record_phases(pipe)
     image = pipe(PROMPT, num_inference_steps=steps, output_type="np", generator=torch.Generator().manual_seed(0)).images
-    hook.remove()
+    pipe.unet._forward_pre_hooks.clear()
+    pipe.unet._forward_pre_hooks.update(hooks)
     assert np.isfinite(image).all() and len(phases) == len(pipe.scheduler.timesteps) >= steps
-    return phases
+    return [p == "agent" for p in phases]
 
 
 @pytest.fixture(scope="module")
