@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -170,15 +171,16 @@ def test_resume_continues_from_the_same_step(base_model: str, instance_dir: Path
 # ----------------------------------------------------------------------------- stored settings
 
 
-def test_settings_file_round_trip_and_errors(tmp_path: Path) -> None:
+def test_settings_file_round_trip_and_errors(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     config = agentsd.AgentSDConfig(ratio=0.3, agent_fraction=1.0, seed=3)
     path = agentsd.save_config(config, tmp_path)
     assert agentsd.load_config(tmp_path) == config and agentsd.load_config(path) == config
     with pytest.raises(FileNotFoundError, match="agentsd_config.json"):
         agentsd.load_config(tmp_path / "nothing")
-    path.write_text('{"ratio": 0.3, "speed": 2}')
-    with pytest.raises(ValueError, match="speed"):
-        agentsd.load_config(tmp_path)
+    path.write_text('{"ratio": 0.3, "speed": 2}')  # a key of a newer version: ignored, with a warning
+    with caplog.at_level(logging.WARNING, logger="agentsd"):
+        assert agentsd.load_config(tmp_path) == agentsd.AgentSDConfig(ratio=0.3)
+    assert "ignoring unknown AgentSD setting(s) ['speed']" in caplog.text
     path.write_text('{"ratio": 1.5}')
     with pytest.raises(ValueError, match="ratio must be in"):
         agentsd.load_config(tmp_path)
@@ -188,8 +190,8 @@ def test_settings_file_round_trip_and_errors(tmp_path: Path) -> None:
 
 def test_agent_fraction_one_covers_the_last_step() -> None:
     config = agentsd.AgentSDConfig(agent_fraction=1.0)
-    assert config.phase_at(1.0) == config.agent_phase  # a bare UNet at timestep 0
-    assert agentsd.AgentSDConfig(agent_fraction=0.99).phase_at(0.995) == config.tome_phase
+    assert config.phase_at(0) == config.agent_phase  # the last step, at timestep 0
+    assert agentsd.AgentSDConfig(agent_fraction=0.99).phase_at(9.9) == config.tome_phase
 
 
 def test_config_argument_is_overridden_by_keywords() -> None:
@@ -201,6 +203,38 @@ def test_config_argument_is_overridden_by_keywords() -> None:
 
 
 # ----------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize("bad,error,match", [
+    (dict(prior_loss_weight=float("nan")), ValueError, "prior_loss_weight must be a finite number"),
+    (dict(learning_rate=float("inf")), ValueError, "learning_rate must be a finite number"),
+    (dict(learning_rate="1e-4"), TypeError, "learning_rate must be float, got str"),
+    (dict(batch_size=True), TypeError, "batch_size must be int, got bool"),
+    (dict(resolution=512.0), TypeError, "resolution must be int, got float"),
+    (dict(lora_rank=4.0), TypeError, "lora_rank must be int or None"),
+    (dict(seed=-1), ValueError, "seed must be >= 0"),
+    (dict(lr_warmup_steps=-1), ValueError, "lr_warmup_steps must be >= 0"),
+    (dict(lr_scheduler="cosinus"), ValueError, "lr_scheduler must be one of linear, cosine"),
+    (dict(lora_alpha=0.0), ValueError, "lora_alpha must be > 0"),
+    (dict(guidance_scale=-1.0), ValueError, "guidance_scale must be >= 0"),
+    (dict(class_prompt=3), TypeError, "class_prompt must be str or None, got int"),
+])
+def test_settings_are_typed_and_checked(tmp_path: Path, bad: dict, error: type, match: str) -> None:
+    base = dict(pretrained="base", instance_dir=str(tmp_path), instance_prompt=PROMPT, output_dir=str(tmp_path))
+    DreamBoothSettings(**base)  # the defaults pass
+    with pytest.raises(error, match=match):
+        DreamBoothSettings(**base, **bad)
+
+
+def test_images_are_encoded_in_chunks() -> None:
+    vae = tiny.vae()
+    calls: list[int] = []
+    encode = vae.encode
+    vae.encode = lambda x: (calls.append(len(x)), encode(x))[1]
+    images = torch.rand(5, 3, 32, 32) * 2 - 1
+    mean, std = encode_images(vae, images, batch_size=2)
+    assert calls == [2, 2, 1] and mean.shape[0] == std.shape[0] == 5
+    vae.encode = encode
+    torch.testing.assert_close(mean, encode_images(vae, images, batch_size=5)[0], atol=1e-5, rtol=0)
+
 
 
 def test_bad_instance_folders_are_named(tmp_path: Path) -> None:

@@ -97,13 +97,17 @@ def test_fused_qkv_runs_every_method_on_fused_projections(tmp_path):
     raw = run_benchmark(unet, [64], methods, repeats=1, batch=2, raw_path=raw_path, fuse_qkv=True, **QUIET)
     assert json.loads(raw_path.read_text())["settings"]["fuse_qkv"] is True
     assert all(raw["64"][m.key]["seconds"][0] > 0 for m in methods)
-    # fused once, for every method: SDPA runs diffusers' fused processor, ToDo and AgentSD wrap it
+    # fused once, for every method: SDPA runs diffusers' fused processor, ToDo wraps it, AgentSD
+    # leaves it in place and projects through to_qkv
     attn1 = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
     assert all(isinstance(p, FusedAttnProcessor2_0) for p in unet.attn_processors.values())
-    for m, wrapped in ((methods[2], "original"), (methods[3], "base")):  # todo, agentsd
-        m.apply(unet)
-        assert isinstance(getattr(attn1.processor, wrapped), FusedAttnProcessor2_0), m.key
-        m.remove(unet)
+    todo, agentsd_method = methods[2], methods[3]
+    todo.apply(unet)
+    assert isinstance(attn1.processor.original, FusedAttnProcessor2_0)
+    todo.remove(unet)
+    agentsd_method.apply(unet)
+    assert isinstance(attn1.processor, FusedAttnProcessor2_0) and attn1.fused_projections
+    agentsd_method.remove(unet)
     with pytest.raises(SettingsMismatch, match="fuse_qkv: True -> False"):
         run_benchmark(unet, [64], methods, repeats=1, batch=2, raw_path=raw_path, **QUIET)
 

@@ -1,4 +1,6 @@
 """The patch on every supported pipeline: behaviour, phases, restoration and errors."""
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -184,6 +186,31 @@ def test_merge_crossattn_and_mlp_change_output_and_are_removed_exactly(sd1, opti
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in sd1.unet.modules())
     assert not any(hasattr(m, "_diffusers_hook") or "forward" in m.__dict__ for m in sd1.unet.modules())
     assert np.array_equal(run(sd1), reference)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_merge_mlp_with_forward_chunking(dim, caplog):
+    unet = tiny.unet("sd1")
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+
+    def out(chunk, **settings):
+        agentsd.apply_patch(unet, agent_fraction=1.0, **settings)
+        for block in unet.modules():  # what unet.enable_forward_chunking(chunk, dim) does; None: off
+            if hasattr(block, "set_chunk_feed_forward"):
+                block.set_chunk_feed_forward(chunk, dim)
+        with torch.no_grad():
+            return unet(sample, 999, text).sample
+
+    merged, unmerged = out(None, merge_mlp=True), out(None)
+    assert (merged - unmerged).abs().max() > 1e-3
+    with caplog.at_level(logging.WARNING, logger="agentsd"):
+        chunked = out(1 if dim == 0 else 64, merge_mlp=True)
+    if dim == 0:  # each chunk of the batch with its own rows' merge: the same result
+        torch.testing.assert_close(chunked, merged, atol=1e-6, rtol=0)
+        assert "merge_mlp" not in caplog.text
+    else:  # chunks of tokens: the feed-forward keeps every token, and says why
+        torch.testing.assert_close(chunked, unmerged, atol=1e-6, rtol=0)
+        assert "merge_mlp: its feed-forward got 64 of 256 tokens" in caplog.text
 
 
 def test_deepcopy_is_an_independent_patched_model():

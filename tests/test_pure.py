@@ -138,6 +138,27 @@ def test_two_threads_on_one_unet_get_what_each_gets_alone():
     assert not torch.equal(alone["a"], alone["b"])
 
 
+def test_a_call_made_inside_another_leaves_it_as_it_was():
+    """Re-entrant: a UNet call from inside a patched block of another call (a callback, a nested
+    pipeline) stacks on top of it."""
+    unet = tiny.unet("sd1")
+    agentsd.apply_patch(unet, ratio=0.5, merge_mlp=True)
+    outer_sample, inner_sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        alone = unet(outer_sample, 999, text).sample, unet(inner_sample, 300, text).sample
+        inner = []
+
+        def call_inside(module, args):
+            if not inner:
+                inner.append(None)  # the inner call passes here too
+                inner[0] = unet(inner_sample, 300, text).sample
+
+        handle = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.register_forward_pre_hook(call_inside)
+        outer = unet(outer_sample, 999, text).sample
+        handle.remove()
+    assert torch.equal(outer, alone[0]) and torch.equal(inner[0], alone[1])
+
+
 # ----------------------------------------------------------------------------- strength and refiners
 @pytest.mark.parametrize("cls", ["img2img", "inpaint"])
 def test_low_strength_runs_no_agent_step(cls):

@@ -151,14 +151,20 @@ def encode_prompt(pipe: Any, prompt: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae: Any, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_images(vae: Any, images: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the frozen VAE's latent distribution of ``images``, already scaled.
 
-    A training latent is ``mean + std * noise``: the same as encoding every step, at no cost.
+    A training latent is ``mean + std * noise``: the same as encoding every step, at no cost. The
+    images go through the VAE ``batch_size`` at a time (a hundred class images at once would not
+    fit in memory).
     """
-    dist = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
     scale = vae.config.scaling_factor
-    return dist.mean * scale, dist.std * scale
+    means, stds = [], []
+    for chunk in images.split(batch_size):
+        dist = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean * scale)
+        stds.append(dist.std * scale)
+    return torch.cat(means), torch.cat(stds)
 
 
 class Batch(NamedTuple):

@@ -9,6 +9,10 @@ no change there.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,23 +101,32 @@ class DreamBoothSettings:
     progress: bool = field(default=True, metadata=_opt("show the progress bars", CHECKS))
 
     def __post_init__(self) -> None:
+        for name, hint in _field_types().items():
+            _check_type(name, getattr(self, name), hint)
         check_resolution(self.resolution)
         for name in (
             "num_class_images", "batch_size", "gradient_accumulation_steps", "max_train_steps",
             "checkpointing_steps", "keep_checkpoints", "validation_steps", "num_validation_images",
             "inference_steps",
         ):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if self.lora_rank is not None and (not isinstance(self.lora_rank, int) or self.lora_rank < 1):
-            raise ValueError(f"lora_rank must be an int >= 1 or None, got {self.lora_rank!r}")
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if self.prior_loss_weight < 0:
-            raise ValueError(f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)!r}")
+        for name in ("lr_warmup_steps", "seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.lora_rank is not None and self.lora_rank < 1:
+            raise ValueError(f"lora_rank must be >= 1 or None, got {self.lora_rank!r}")
+        for name in ("learning_rate", "lora_alpha"):  # written so that NaN fails too
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("prior_loss_weight", "guidance_scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision must be 'no', 'fp16' or 'bf16', got {self.mixed_precision!r}")
+        schedules = _lr_schedules()
+        if self.lr_scheduler not in schedules:
+            raise ValueError(f"lr_scheduler must be one of {', '.join(schedules)}; got {self.lr_scheduler!r}")
         if not self.instance_prompt.strip():
             raise ValueError("instance_prompt must not be empty")
         self.agentsd_config()  # validates ratio and reduction
@@ -126,3 +139,33 @@ class DreamBoothSettings:
     def run_dict(self) -> dict[str, Any]:
         """The settings that define the run (compared when resuming)."""
         return {name: getattr(self, name) for name in RUN_FIELDS}
+
+
+@functools.lru_cache(maxsize=1)
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(DreamBoothSettings)
+
+
+@functools.lru_cache(maxsize=1)
+def _lr_schedules() -> tuple[str, ...]:
+    from diffusers.optimization import SchedulerType
+
+    return tuple(kind.value for kind in SchedulerType)
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """Raise TypeError unless ``value`` has the type ``hint`` (``str``, ``int``, ``float``, ``bool``,
+    or one of them ``| None``); a float must be finite, and a bool is not a number."""
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return
+    kind = next(t for t in allowed if t is not type(None))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if not ok:
+        expected = kind.__name__ + (" or None" if type(None) in allowed else "")
+        raise TypeError(f"{name} must be {expected}, got {type(value).__name__}")
