@@ -2,8 +2,11 @@
 
 Two measurements, every version interleaved repeat by repeat on the same model and inputs:
 
-- **hooks**: one call of a small UNet whose patch changes nothing (ratio 0, the late phase), so
-  what the patch adds is its hooks alone; reported per call in microseconds above the plain UNet.
+- **hooks**: calls of a tiny UNet whose patch changes nothing (ratio 0, the late phase), so what
+  the patch adds is its hooks alone: each sample is the mean time of a few patched calls minus
+  that of as many plain calls just before, reported per call in microseconds (median and
+  quartiles of the samples; a machine whose speed drifts by more than the hooks cost between two
+  long runs still gives a tight difference between two short ones).
 - **agent phase**: one step of the SD1.5-architecture UNet (random weights) at ``size`` px in the
   agent phase, with the time spent inside the patched transformer blocks (their hooks included)
   per block, from PyTorch forward hooks registered around each block.
@@ -31,10 +34,11 @@ from diffusers import UNet2DConditionModel
 from eval.latency import SD15_UNET_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-#: a small UNet of the SD1.5 layout, where a call is short enough for the hooks' cost to show
-SMALL_UNET_CONFIG: dict[str, Any] = dict(
-    SD15_UNET_CONFIG, block_out_channels=(32, 64, 64, 64), attention_head_dim=4, cross_attention_dim=32,
-    norm_num_groups=8, sample_size=16,
+#: a tiny UNet (two levels with attention), whose call is short enough for the hooks' cost to show
+TINY_UNET_CONFIG: dict[str, Any] = dict(
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+    attention_head_dim=4, cross_attention_dim=32, norm_num_groups=8,
+    down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
 )
 
 
@@ -81,7 +85,16 @@ def _patched_blocks(unet: UNet2DConditionModel, library: ModuleType) -> list[tor
     return [unet.get_submodule(name.rpartition(".")[0]) for name in names]
 
 
-def run(ref: str, size: int = 512, batch: int = 2, repeats: int = 5, hook_calls: int = 200,
+def _rotated(items: list[Any], round_: int) -> list[Any]:
+    k = round_ % len(items)
+    return items[k:] + items[:k]
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    return statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+
+
+def run(ref: str, size: int = 512, batch: int = 2, repeats: int = 5, hook_pairs: int = 60, hook_calls: int = 20,
         progress: Any = print) -> dict[str, Any]:
     """Both measurements for the current library and the one of ``ref``; see the module docstring."""
     import agentsd
@@ -93,24 +106,29 @@ def run(ref: str, size: int = 512, batch: int = 2, repeats: int = 5, hook_calls:
         results: dict[str, Any] = {"ref": ref, "size": size, "batch": batch, "repeats": repeats,
                                    "threads": torch.get_num_threads()}
 
-        small = UNet2DConditionModel(**SMALL_UNET_CONFIG).eval()
-        inputs = (torch.randn(batch, 4, 16, 16), torch.randn(batch, 77, 32))
-        hooks: dict[str, list[float]] = {name: [] for name in versions}
+        tiny = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+        inputs = (torch.randn(batch, 4, 8, 8), torch.randn(batch, 77, 32))
+
+        def mean_call_us() -> float:
+            start = time.perf_counter()
+            for _ in range(hook_calls):
+                tiny(inputs[0], torch.tensor(100), inputs[1])
+            return (time.perf_counter() - start) / hook_calls * 1e6
+
+        libraries = {name: library for name, library in versions.items() if library is not None}
+        hooks: dict[str, list[float]] = {name: [] for name in libraries}
         with torch.inference_mode():
-            for _ in range(repeats):
-                for name, library in versions.items():
-                    if library is not None:  # a patch whose phase changes nothing: its hooks alone
-                        library.apply_patch(small, ratio=0.0, agent_fraction=0.0)
-                    for _ in range(5):
-                        small(inputs[0], 100, inputs[1])
-                    start = time.perf_counter()
-                    for _ in range(hook_calls):
-                        small(inputs[0], torch.tensor(100), inputs[1])
-                    hooks[name].append((time.perf_counter() - start) / hook_calls * 1e6)
-                    if library is not None:
-                        library.remove_patch(small)
-        results["hooks_us"] = {name: _median(v) for name, v in hooks.items()}
-        progress(f"hooks: {results['hooks_us']}")
+            for _ in range(5):
+                tiny(inputs[0], 100, inputs[1])
+            for round_ in range(hook_pairs):
+                for name, library in _rotated(list(libraries.items()), round_):
+                    plain = mean_call_us()
+                    library.apply_patch(tiny, ratio=0.0, agent_fraction=0.0)  # its hooks, changing nothing
+                    tiny(inputs[0], 100, inputs[1])
+                    hooks[name].append(mean_call_us() - plain)
+                    library.remove_patch(tiny)
+        results["hooks_us"] = {name: _quartiles(v) for name, v in hooks.items()}
+        progress(f"hooks (quartiles, us per call): {results['hooks_us']}")
 
         unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
         latent = size // 8
@@ -120,7 +138,7 @@ def run(ref: str, size: int = 512, batch: int = 2, repeats: int = 5, hook_calls:
         block: dict[str, list[float]] = {name: [] for name in versions}
         with torch.inference_mode():
             for repeat in range(repeats + 1):  # the first round warms up, untimed
-                for name, library in versions.items():
+                for name, library in _rotated(list(versions.items()), repeat):
                     if library is not None:
                         library.apply_patch(unet, agent_fraction=1.0)
                     timer = BlockTimer(blocks)
@@ -137,6 +155,7 @@ def run(ref: str, size: int = 512, batch: int = 2, repeats: int = 5, hook_calls:
         results["step_s"] = {name: _median(v) for name, v in step.items()}
         results["block_ms"] = {name: _median(v) * 1e3 for name, v in block.items()}
         results["samples"] = {"hooks_us": hooks, "step_s": step, "block_s": block}
+        results["tiny_unet"] = TINY_UNET_CONFIG
         results["patched_blocks"] = len(blocks)
     return results
 
@@ -145,13 +164,15 @@ def table(results: dict[str, Any]) -> str:
     """The results as a markdown table."""
     ref = results["ref"]
     hooks, step, block = results["hooks_us"], results["step_s"], results["block_ms"]
+
+    def quartiles(name: str) -> str:
+        low, mid, high = hooks[name]
+        return f"{mid:.0f} ({low:.0f} to {high:.0f})"
+
     lines = [
         f"| | plain | core at {ref} | current core | current / {ref} |",
         "|---|---|---|---|---|",
-        f"| small UNet call, patch on but changing nothing (µs) | {hooks['plain']:.0f} | {hooks[ref]:.0f} | "
-        f"{hooks['current']:.0f} | {hooks['current'] / hooks[ref]:.3f} |",
-        f"| hooks' cost per call (µs above plain) | – | {hooks[ref] - hooks['plain']:.0f} | "
-        f"{hooks['current'] - hooks['plain']:.0f} | – |",
+        f"| hooks' cost per UNet call, µs (median, quartiles) | – | {quartiles(ref)} | {quartiles('current')} | – |",
         f"| agent phase, one patched block at {results['size']} px (ms) | {block['plain']:.0f} | {block[ref]:.0f} | "
         f"{block['current']:.0f} | {block['current'] / block[ref]:.3f} |",
         f"| agent phase, one UNet step at {results['size']} px (s) | {step['plain']:.2f} | {step[ref]:.2f} | "
