@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from .reduce import Reductions
 
 
-#: diffusers' processors of plain softmax attention, whose math AgentSD reproduces.
+#: diffusers' processors of plain softmax attention, whose math AgentSD reproduces: self-attention,
+#: and SD3's joint attention of image and text tokens.
 PLAIN_PROCESSORS = tuple(getattr(ap, name) for name in (
     "AttnProcessor", "AttnProcessor2_0", "SlicedAttnProcessor", "XFormersAttnProcessor", "FusedAttnProcessor2_0",
-    "AttnProcessorNPU", "XLAFlashAttnProcessor2_0") if hasattr(ap, name))
+    "AttnProcessorNPU", "XLAFlashAttnProcessor2_0", "JointAttnProcessor2_0", "FusedJointAttnProcessor2_0",
+    "XFormersJointAttnProcessor") if hasattr(ap, name))
 
 
 def computes_plain_attention(processor: Any) -> bool:
@@ -45,12 +47,20 @@ def unsupported(attn: "Attention", hidden_states: torch.Tensor, num_tokens: int)
     return None
 
 
-def reduced_self_attention(
-    attn: "Attention", hidden_states: torch.Tensor, reductions: "Reductions", config: "AgentSDConfig"
-) -> torch.Tensor:
-    """The self-attention of ``attn`` on ``hidden_states`` ``(B, N, C)`` with ``reductions``:
-    agent attention when they have agents, plain attention otherwise, on the merged tokens and
-    the pooled keys and values; the output has every token."""
+def reduced_attention(
+    attn: "Attention", hidden_states: torch.Tensor, reductions: "Reductions", config: "AgentSDConfig",
+    encoder_hidden_states: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The attention of ``attn`` on ``hidden_states`` ``(B, N, C)`` with ``reductions``: agent
+    attention when they have agents, plain attention otherwise, on the merged tokens and the pooled
+    keys and values; the output has every token.
+
+    With ``encoder_hidden_states`` (SD3's joint attention) the text tokens are kept whole, as
+    queries and as keys and values: the agents gather from the reduced image tokens and every
+    text token, the image queries read the agents, and the text queries attend over the reduced
+    image tokens and the text tokens. Returns ``(image, text)`` then, as diffusers' joint
+    processors do.
+    """
     tokens, kv = reductions.tokens, reductions.kv
     x = hidden_states if tokens is None else tokens.merge(hidden_states)
     x_kv = x if kv is None else kv.merge(x)
@@ -69,25 +79,40 @@ def reduced_self_attention(
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     dtype = q.dtype
+    keys, values = k, v_heads
+    if encoder_hidden_states is not None:
+        text_q, text_k, text_v = (split(proj(encoder_hidden_states))
+                                  for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            text_q = attn.norm_added_q(text_q)
+        if attn.norm_added_k is not None:
+            text_k = attn.norm_added_k(text_k)
+        keys, values = torch.cat([k, text_k], dim=2), torch.cat([v_heads, text_v], dim=2)
     if config.attn_precision == "fp32":
-        q, k, v_heads = q.float(), k.float(), v_heads.float()
+        q, keys, values, v_heads = q.float(), keys.float(), values.float(), v_heads.float()
 
     if agents is not None:
         agents = split(agents)
         if attn.norm_q is not None:
             agents = attn.norm_q(agents)
-        out = agent_attention(
-            q, k, v_heads, agents.to(q.dtype), scale=attn.scale, agent_scale=attn.scale ** config.k_scale2,
-            shortcut=config.k_shortcut if kv is None else 0.0,
-        )
+        out = agent_attention(q, keys, values, agents.to(q.dtype), scale=attn.scale,
+                              agent_scale=attn.scale ** config.k_scale2)
+        if kv is None:  # the official shortcut on the (merged) image values
+            out = out + config.k_shortcut * v_heads
     else:
-        out = F.scaled_dot_product_attention(q, k, v_heads, scale=attn.scale)
+        out = F.scaled_dot_product_attention(q, keys, values, scale=attn.scale)
 
     out = out.transpose(1, 2).reshape(b, m, -1)
     if agents is not None and kv is not None:  # the official shortcut on the values at every query
         out = kv.add_unmerged(out, v.to(out.dtype), config.k_shortcut)
     out = attn.to_out[1](attn.to_out[0](out.to(dtype)))
     out = out if tokens is None else tokens.unmerge(out)
+    if encoder_hidden_states is not None:
+        text = F.scaled_dot_product_attention(text_q.to(keys.dtype), keys, values, scale=attn.scale)
+        text = text.transpose(1, 2).reshape(b, text.shape[2], -1).to(dtype)
+        if not attn.context_pre_only:
+            text = attn.to_add_out(text)
+        return out, text
     if attn.residual_connection:
         out = out + hidden_states
     return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor

@@ -108,6 +108,7 @@ class AgentSDConfig:
     k_scale2: float = 0.3
     k_shortcut: float = 0.075
     max_downsample: int | None = None
+    skip_ends: int = 0
     attn_precision: str | None = None
     seed: int = 0
     use_rand: bool = True
@@ -127,6 +128,7 @@ class AgentSDConfig:
         _check_range("agent_fraction", self.agent_fraction, 0.0, 1.0, low_open=False, high_open=False)
         for name in ("sx", "sy", "tome_sx", "tome_sy"):
             _check_int(name, getattr(self, name), 1)
+        _check_int("skip_ends", self.skip_ends, 0)
         if self.max_downsample is not None:
             _check_int("max_downsample", self.max_downsample, 1)
         if self.max_downsample is not None and self.max_downsample & (self.max_downsample - 1):

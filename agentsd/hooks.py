@@ -1,15 +1,16 @@
 """The hooks of an AgentSD patch, from the denoiser call down to each patched layer.
 
-- :class:`StepBegin` and :class:`StepEnd`, PyTorch forward hooks on the denoiser (the UNet), open
+- :class:`StepBegin` and :class:`StepEnd`, PyTorch forward hooks on the denoiser, open
   and close each call: the phase from the call's timestep (:mod:`agentsd.phase`), the latent size
   and the call's random key go into a :class:`~agentsd.context.Step` on the calling thread's stack,
   and the reasons noted during the call are logged once per patch. PyTorch runs a module's own
   hooks outside ``torch.compile``'s graph, so this one host-side decision per call never breaks a
-  compiled UNet; they are removed by their handles.
+  compiled model; they are removed by their handles.
 - :class:`BlockHook`, a diffusers ``ModelHook`` on each patched transformer block, matches (or
   pools) the block input, before ``norm1`` as the official code does, and keeps the reductions in
   a :class:`~agentsd.context.BlockCall` around the block's own forward.
-- :class:`SelfAttentionHook` on the block's ``attn1`` runs attention on the reduced tokens;
+- :class:`SelfAttentionHook` on the block's ``attn1`` (SD3: its joint ``attn`` and ``attn2``) runs
+  attention on the reduced tokens;
   :class:`CrossAttentionHook` (``merge_crossattn``) and :class:`FeedForwardHook` (``merge_mlp``) run
   ``attn2`` and the feed-forward on the merged tokens. Each calls the module's own forward, with
   the processor the user set, whenever it does not reduce.
@@ -28,7 +29,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from . import context
-from .attention import computes_plain_attention, reduced_self_attention, unsupported
+from .attention import computes_plain_attention, reduced_attention, unsupported
 from .config import AgentSDConfig
 from .context import BlockCall, Step
 from .merge import mix32
@@ -192,8 +193,17 @@ class _LayerHook(ModelHook):
         return frame if type(frame) is BlockCall and frame.step.owner is self.patch else None
 
 
+def _unmerged(tokens: Any, output: Any) -> Any:
+    """The output of a layer run on merged tokens, back on every token (a joint attention returns
+    ``(image, text)``: the image part)."""
+    if isinstance(output, tuple):
+        return (tokens.unmerge(output[0]), *output[1:])
+    return tokens.unmerge(output)
+
+
 class SelfAttentionHook(_LayerHook):
-    """On ``attn1``: attention on the block's reduced tokens.
+    """On ``attn1`` (SD3: ``attn``, joint with the text tokens, and ``attn2``): attention on the
+    block's reduced tokens.
 
     Agent attention, and attention on pooled keys and values, are computed from the module's
     projections when its processor is one of diffusers' plain ones
@@ -210,23 +220,25 @@ class SelfAttentionHook(_LayerHook):
         r, notes = frame.merges, frame.step.notes
         encoder_hidden_states = args[0] if args else kwargs.get("encoder_hidden_states")
         attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
         reason = ("got an attention mask" if attention_mask is not None else
-                  "got encoder hidden states" if encoder_hidden_states is not None else
+                  "got encoder hidden states" if encoder_hidden_states is not None and not joint else
                   unsupported(attn, hidden_states, r.num_tokens))
         if reason:
             notes.add(f"{self.name}: its self-attention {reason}; it keeps every token")
             return self.fn_ref.original_forward(hidden_states, *args, **kwargs)
         tokens = r.tokens
         if r.agents is None and r.kv is None:  # plain attention on merged tokens: the user's processor
-            return tokens.unmerge(self.fn_ref.original_forward(tokens.merge(hidden_states), *args, **kwargs))
+            return _unmerged(tokens, self.fn_ref.original_forward(tokens.merge(hidden_states), *args, **kwargs))
         processor = attn.processor
         if computes_plain_attention(processor):
-            return reduced_self_attention(attn, hidden_states, r, self.patch.config)
+            return reduced_attention(attn, hidden_states, r, self.patch.config,
+                                     encoder_hidden_states if joint else None)
         kind = type(processor).__name__
         if tokens is not None and r.kv is None:
             notes.add(f"{self.name}: agent attention cannot reproduce the processor {kind}, so it runs on the "
                       "merged tokens without agents (ToMe)")
-            return tokens.unmerge(self.fn_ref.original_forward(tokens.merge(hidden_states), *args, **kwargs))
+            return _unmerged(tokens, self.fn_ref.original_forward(tokens.merge(hidden_states), *args, **kwargs))
         notes.add(f"{self.name}: the processor {kind} computes its own keys and values, so they are not "
                   "pooled; it keeps every token")
         return self.fn_ref.original_forward(hidden_states, *args, **kwargs)

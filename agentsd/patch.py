@@ -25,8 +25,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import torch
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention import JointTransformerBlock
 
 from .config import UNSET, AgentSDConfig, PoolMode, Reduction
 from .hooks import (
@@ -34,79 +33,13 @@ from .hooks import (
     CrossAttentionHook, FeedForwardHook, Patch, SelfAttentionHook, StepBegin, StepEnd, register, unregister,
 )
 from .merge import mix32
+from .models import RECIPES, SUPPORTED, Family, denoiser_of, patched_blocks, self_attention_layers
 
 logger = logging.getLogger(__name__)
 
 _PATCH_ATTR = "_agentsd_patch"
-#: Private key of the UNet config (saved in its ``config.json``) that holds stored settings.
+#: Private key of the denoiser's config (saved in its ``config.json``) that holds stored settings.
 CONFIG_KEY = "_agentsd_config"
-SUPPORTED = (
-    "a diffusers pipeline with a UNet2DConditionModel `unet` (Stable Diffusion 1.x/2.x, SDXL, "
-    "img2img, inpaint, ControlNet, ...) or a bare UNet2DConditionModel, also wrapped by torch.compile"
-)
-
-
-def _unet_of(model: Any) -> tuple[UNet2DConditionModel, Any | None]:
-    """The UNet of ``model`` and its pipeline (None for a bare UNet); ``torch.compile`` wrappers
-    (``OptimizedModule``) are looked through."""
-    pipeline = None
-    unet = getattr(model, "_orig_mod", model)
-    if not isinstance(unet, UNet2DConditionModel):
-        pipeline = model
-        unet = getattr(getattr(model, "unet", None), "_orig_mod", getattr(model, "unet", None))
-    if isinstance(unet, UNet2DConditionModel):
-        return unet, pipeline
-    raise TypeError(f"agentsd supports {SUPPORTED}; got {type(model).__name__}")
-
-
-def self_attention_layers(unet: Any, max_downsample: int | None = None) -> dict[str, tuple[Attention, int]]:
-    """The self-attention modules (``attn1``) of ``unet`` at downsampling <= ``max_downsample``
-    (None: the highest-resolution level that has self-attention).
-
-    Returns ``{module name: (module, downsampling factor)}``.
-    """
-    unet, _ = _unet_of(unet)
-    levels: list[tuple[str, torch.nn.Module, int]] = []
-    downsample = 1
-    for i, block in enumerate(unet.down_blocks):
-        levels.append((f"down_blocks.{i}", block, downsample))
-        if getattr(block, "downsamplers", None):
-            downsample *= 2
-    if unet.mid_block is not None:
-        levels.append(("mid_block", unet.mid_block, downsample))
-    for i, block in enumerate(unet.up_blocks):
-        levels.append((f"up_blocks.{i}", block, downsample))
-        if getattr(block, "upsamplers", None):
-            downsample //= 2
-
-    layers = {}
-    for prefix, block, factor in levels:
-        for name, module in block.named_modules():
-            if name.endswith("attn1") and isinstance(module, Attention) and not module.is_cross_attention:
-                layers[f"{prefix}.{name}"] = (module, factor)
-    if max_downsample is None:
-        max_downsample = min((f for _, f in layers.values()), default=1)
-    return {name: layer for name, layer in layers.items() if layer[1] <= max_downsample}
-
-
-def _attention_levels(unet: UNet2DConditionModel) -> list[int]:
-    return sorted({f for _, f in self_attention_layers(unet, 2**30).values()})
-
-
-def _transformer_blocks(
-    unet: UNet2DConditionModel, layers: dict[str, tuple[Attention, int]]
-) -> dict[str, tuple[torch.nn.Module, int]]:
-    """The modules that own the given ``attn1`` layers (diffusers' ``BasicTransformerBlock``)."""
-    blocks = {}
-    for name, (attn1, factor) in layers.items():
-        parent = unet.get_submodule(name.rpartition(".")[0])
-        if getattr(parent, "attn1", None) is not attn1 or not hasattr(parent, "norm1"):
-            raise TypeError(
-                f"{name} is not the attn1 of a transformer block; agentsd supports diffusers' "
-                f"BasicTransformerBlock (found {type(parent).__name__})"
-            )
-        blocks[name.rpartition(".")[0]] = (parent, factor)
-    return blocks
 
 
 def apply_patch(
@@ -127,6 +60,7 @@ def apply_patch(
     k_scale2: float = UNSET,
     k_shortcut: float = UNSET,
     max_downsample: int | None = UNSET,
+    skip_ends: int = UNSET,
     attn_precision: str | None = UNSET,
     seed: int = UNSET,
     use_rand: bool = UNSET,
@@ -135,20 +69,22 @@ def apply_patch(
     top_left_for_odd_batches: bool = UNSET,
     **unknown: NoReturn,
 ) -> Any:
-    """Turn a diffusers pipeline or UNet into AgentSD.
+    """Turn a diffusers pipeline, or its denoiser, into AgentSD.
 
     Every setting is taken, from the highest priority down, from: the keyword given here,
     ``config``, the settings stored with the model (:func:`store_config`, e.g. by
-    ``scripts/train_dreambooth.py``: they are saved in the UNet's ``config.json``, so a pipeline
-    reloaded with ``from_pretrained`` carries them), and the defaults of
-    :class:`~agentsd.config.AgentSDConfig` (the official two-phase recipe). So
-    ``apply_patch(pipe)`` on a model finetuned with AgentSD runs it as it was trained, and on any
-    other model runs the defaults.
+    ``scripts/train_dreambooth.py``: they are saved in the denoiser's ``config.json``, so a
+    pipeline reloaded with ``from_pretrained`` carries them), the recipe of the model's family
+    (:data:`agentsd.models.RECIPES`; for SD's UNets, none) and the defaults of
+    :class:`~agentsd.config.AgentSDConfig` (the official two-phase recipe). So ``apply_patch(pipe)``
+    on a model finetuned with AgentSD runs it as it was trained, and on any other model runs its
+    family's recipe. Every setting is logged with where it came from.
 
     Args:
-        model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet; either
-            may be wrapped by ``torch.compile``, and ``compile_repeated_blocks`` may have been
-            called before or after.
+        model: a diffusers pipeline of a supported family (SD 1.x/2.x and SDXL UNets and their
+            img2img, inpaint and ControlNet pipelines; PixArt-α/Σ; SD3/SD3.5), or its denoiser;
+            either may be wrapped by ``torch.compile``, and ``compile_repeated_blocks`` may have
+            been called before or after.
         ratio: share of the tokens merged away before attention (with ``reduction="pool"``: share
             of the keys and values pooled away), in [0, 1); default None: 0.4 with ``"merge"``,
             0.75 with ``"pool"`` (keys and values pooled 2x2).
@@ -171,7 +107,9 @@ def apply_patch(
         k_scale2: the broadcast softmax scale is ``scale ** k_scale2``, > 0; default 0.3.
         k_shortcut: weight of the value shortcut ``k_shortcut * V``; default 0.075.
         max_downsample: patch the levels with at most this downsampling (1, 2, 4 or 8); default None:
-            the highest-resolution level with self-attention (1 for SD 1.x/2.x, 2 for SDXL).
+            the highest-resolution level with self-attention (1 for SD 1.x/2.x, 2 for SDXL). UNets only.
+        skip_ends: leave the first and the last ``skip_ends`` of the blocks it would patch unpatched;
+            default 0 (a transformer's recipe may set it).
         attn_precision: ``"fp32"`` runs the attention in fp32 (SD 2.1 in fp16); default None.
         seed: seed of the random dst choice (the same seed and timestep give the same merges); default 0.
         use_rand: draw the dst token of every cell at random (False: its top-left token); default True.
@@ -179,7 +117,8 @@ def apply_patch(
             timestep, so an image does not depend on the rest of its batch.
         top_left_for_odd_batches: the official code's rule, for reproducing it exactly: a batch
             of odd size takes the top-left token of every cell; default False.
-        merge_crossattn: run the cross-attention of the patched blocks on the merged tokens too; default False.
+        merge_crossattn: run the cross-attention of the patched blocks on the merged tokens too
+            (not SD3, whose joint attention has none); default False.
         merge_mlp: run the feed-forward of the patched blocks on the merged tokens too; default False.
 
     Returns:
@@ -189,55 +128,74 @@ def apply_patch(
     Raises:
         TypeError: for a keyword that is not a setting (the message lists the valid ones), a
             setting of the wrong type, or a model that is not supported.
-        ValueError: for a setting out of its range, or a level without self-attention.
+        ValueError: for a setting out of its range, a level without self-attention, or a setting
+            the model's family does not have.
     """
     if unknown:
         raise TypeError(f"apply_patch() got unknown keyword(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
     given = {k: v for k, v in locals().items() if k in SETTINGS and v is not UNSET}
-    unet, _ = _unet_of(model)
+    denoiser, family = denoiser_of(model)
     if config is not None and not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
+    values = AgentSDConfig().to_dict()
+    source = dict.fromkeys(RECIPES[family.name], f"recipe for {family.name}")
+    values.update(RECIPES[family.name])
     if config is not None:
-        base, source = config, {name: "config" for name in SETTINGS}
+        values, source = config.to_dict(), dict.fromkeys(SETTINGS, "config")
     else:
-        stored = unet.config.get(CONFIG_KEY)
-        base = stored_config(unet) or AgentSDConfig()
-        source = {name: "stored with the model" for name in (stored or {}) if name in SETTINGS}
-    config = dataclasses.replace(base, **given)
+        stored = _stored(denoiser)
+        values.update(stored)
+        source.update(dict.fromkeys(stored, "stored with the model"))
+    values.update(given)
     source.update(dict.fromkeys(given, "given"))
-    layers = self_attention_layers(unet, config.max_downsample)
-    if not layers:
-        levels = _attention_levels(unet)
-        raise ValueError(
-            f"this UNet has no self-attention at max_downsample={config.max_downsample}; its "
-            f"self-attention is at downsampling {levels}"
-            + (f" (use max_downsample={levels[0]} or leave it None)" if levels else "")
-        )
-    blocks = _transformer_blocks(unet, layers)
-    remove_patch(unet)
+    config = AgentSDConfig(**values)
+    if config.merge_crossattn and family.name == "sd3":
+        raise ValueError("merge_crossattn: SD3's blocks have no cross-attention (their joint attention keeps the "
+                         "text tokens whole); leave it False")
+    blocks = patched_blocks(denoiser, family, config.max_downsample, config.skip_ends)
+    remove_patch(denoiser)
 
-    patch = Patch(config, Argument.of(unet, "sample"), Argument.of(unet, "timestep"))
+    patch = Patch(config, Argument.of(denoiser, family.sample), Argument.of(denoiser, "timestep"))
     for index, (name, (block, factor)) in enumerate(blocks.items()):
         hook = BlockHook(patch, name, factor, salt=mix32(index + 0x9E3779B9))
         patch.blocks.append(hook)
-        layers = [(name, hook, BLOCK_HOOK), (f"{name}.attn1", SelfAttentionHook(patch, f"{name}.attn1"),
-                                              SELF_ATTENTION_HOOK)]
-        if config.merge_crossattn and getattr(block, "attn2", None) is not None:
-            layers.append((f"{name}.attn2", CrossAttentionHook(patch, f"{name}.attn2"), CROSS_ATTENTION_HOOK))
-        if config.merge_mlp and getattr(block, "ff", None) is not None:
-            layers.append((f"{name}.ff", FeedForwardHook(patch, f"{name}.ff"), FEED_FORWARD_HOOK))
-        for module_name, layer_hook, hook_name in layers:
-            if register(unet.get_submodule(module_name), layer_hook, hook_name):
+        for module_name, layer_hook, hook_name in [(name, hook, BLOCK_HOOK), *_layer_hooks(patch, name, block)]:
+            if register(denoiser.get_submodule(module_name), layer_hook, hook_name):
                 patch.new_registries.append(module_name)
             patch.hooked.append((module_name, hook_name))
     patch.handles = [
-        unet.register_forward_pre_hook(StepBegin(patch), with_kwargs=True),
-        unet.register_forward_hook(StepEnd(patch), always_call=True),
+        denoiser.register_forward_pre_hook(StepBegin(patch), with_kwargs=True),
+        denoiser.register_forward_hook(StepEnd(patch), always_call=True),
     ]
-    setattr(unet, _PATCH_ATTR, patch)
-    logger.info("AgentSD on %d transformer blocks at downsampling %s (%s): %s", len(blocks),
+    setattr(denoiser, _PATCH_ATTR, patch)
+    logger.info("AgentSD on %d %s blocks at downsampling %s (%s): %s", len(blocks), type(denoiser).__name__,
                 sorted({f for _, f in blocks.values()}), ", ".join(blocks), _describe(config, source))
     return model
+
+
+def _layer_hooks(patch: Patch, name: str, block: torch.nn.Module) -> list[tuple[str, Any, str]]:
+    """``(module name, hook, hook name)`` of the layers of one patched block."""
+    config = patch.config
+    if isinstance(block, JointTransformerBlock):
+        attentions = ["attn"] + (["attn2"] if getattr(block, "attn2", None) is not None else [])
+    else:
+        attentions = ["attn1"]
+    layers = [(f"{name}.{a}", SelfAttentionHook(patch, f"{name}.{a}"), SELF_ATTENTION_HOOK) for a in attentions]
+    if config.merge_crossattn and getattr(block, "attn2", None) is not None:
+        layers.append((f"{name}.attn2", CrossAttentionHook(patch, f"{name}.attn2"), CROSS_ATTENTION_HOOK))
+    if config.merge_mlp and getattr(block, "ff", None) is not None:
+        layers.append((f"{name}.ff", FeedForwardHook(patch, f"{name}.ff"), FEED_FORWARD_HOOK))
+    return layers
+
+
+def _stored(denoiser: torch.nn.Module) -> dict[str, Any]:
+    """The settings stored with ``denoiser`` that this version knows (the others are ignored, with
+    a warning naming them)."""
+    data = denoiser.config.get(CONFIG_KEY)
+    if data is None:
+        return {}
+    config = AgentSDConfig.from_dict(data, source="the settings stored with the model")
+    return {name: getattr(config, name) for name in data if name in SETTINGS}
 
 
 def _describe(config: AgentSDConfig, source: dict[str, str]) -> str:
@@ -258,47 +216,47 @@ def remove_patch(model: Any) -> Any:
 
     Does nothing on a model that is not patched. Returns ``model``.
     """
-    unet, _ = _unet_of(model)
-    patch = unet.__dict__.pop(_PATCH_ATTR, None)
+    denoiser, _ = denoiser_of(model)
+    patch = denoiser.__dict__.pop(_PATCH_ATTR, None)
     if patch is None:
         return model
     for handle in patch.handles:
         handle.remove()
     for module_name, hook_name in reversed(patch.hooked):
-        unregister(unet.get_submodule(module_name), hook_name, module_name in patch.new_registries)
+        unregister(denoiser.get_submodule(module_name), hook_name, module_name in patch.new_registries)
     return model
 
 
 def store_config(model: Any, config: AgentSDConfig) -> Any:
-    """Store ``config`` with ``model`` (in its UNet's config): ``save_pretrained`` writes it,
+    """Store ``config`` with ``model`` (in its denoiser's config): ``save_pretrained`` writes it,
     ``from_pretrained`` reads it back, and :func:`apply_patch` without settings uses it.
 
     Returns ``model``.
     """
     if not isinstance(config, AgentSDConfig):
         raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
-    unet, _ = _unet_of(model)
-    unet.register_to_config(**{CONFIG_KEY: config.to_dict()})
+    denoiser, _ = denoiser_of(model)
+    denoiser.register_to_config(**{CONFIG_KEY: config.to_dict()})
     return model
 
 
 def stored_config(model: Any) -> AgentSDConfig | None:
     """The settings stored with ``model`` by :func:`store_config`, or None."""
-    unet, _ = _unet_of(model)
-    data = unet.config.get(CONFIG_KEY)
+    denoiser, _ = denoiser_of(model)
+    data = denoiser.config.get(CONFIG_KEY)
     return AgentSDConfig.from_dict(data, source="the settings stored with the model") if data is not None else None
 
 
 def is_patched(model: Any) -> bool:
-    """Whether ``model`` (pipeline or UNet) carries an AgentSD patch."""
-    unet, _ = _unet_of(model)
-    return _PATCH_ATTR in unet.__dict__
+    """Whether ``model`` (a pipeline or its denoiser) carries an AgentSD patch."""
+    denoiser, _ = denoiser_of(model)
+    return _PATCH_ATTR in denoiser.__dict__
 
 
 def patch_config(model: Any) -> AgentSDConfig | None:
     """The settings of the patch on ``model``, or None when it is not patched."""
-    unet, _ = _unet_of(model)
-    patch = unet.__dict__.get(_PATCH_ATTR)
+    denoiser, _ = denoiser_of(model)
+    patch = denoiser.__dict__.get(_PATCH_ATTR)
     return patch.config if patch is not None else None
 
 
