@@ -6,8 +6,14 @@ from diffusers import (
     AutoencoderKL,
     ControlNetModel,
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
     PNDMScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
@@ -39,12 +45,12 @@ def text_encoder(hidden: int = 32, projection: bool = False) -> CLIPTextModel:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def vae(latent_channels: int = 4) -> AutoencoderKL:
+def vae(latent_channels: int = 4, **config) -> AutoencoderKL:
     torch.manual_seed(0)
     return AutoencoderKL(
         block_out_channels=(8, 8, 8), in_channels=3, out_channels=3, latent_channels=latent_channels,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        norm_num_groups=8, layers_per_block=1, sample_size=32,
+        norm_num_groups=8, layers_per_block=1, sample_size=32, **config,
     ).eval()
 
 
@@ -122,14 +128,74 @@ def controlnet_pipeline() -> StableDiffusionControlNetPipeline:
 
 
 
+def pixart_transformer(num_layers: int = 3) -> PixArtTransformer2DModel:
+    """A tiny PixArt transformer (ada_norm_single blocks, patch 2): 64 px images are an 8x8 grid."""
+    torch.manual_seed(0)
+    return PixArtTransformer2DModel(
+        sample_size=16, num_layers=num_layers, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    ).eval()
+
+
+def sd3_transformer(num_layers: int = 3, dual: bool = True) -> SD3Transformer2DModel:
+    """A tiny SD3 transformer (patch 1: 64 px images are a 16x16 grid); ``dual``: SD3.5's
+    image-only ``attn2`` in its first two blocks and RMS qk-norm."""
+    torch.manual_seed(0)
+    extra = dict(dual_attention_layers=(0, 1), qk_norm="rms_norm") if dual else {}
+    return SD3Transformer2DModel(
+        sample_size=16, patch_size=1, in_channels=4, num_layers=num_layers, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64,
+        out_channels=4, **extra,
+    ).eval()
+
+
+def pixart_pipeline(**kwargs) -> PixArtAlphaPipeline:
+    """A tiny PixArt pipeline without a text encoder: call it with :func:`pixart_prompt`."""
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=None, vae=vae(), transformer=pixart_transformer(**kwargs),
+                               scheduler=DPMSolverMultistepScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_prompt(batch: int = 1, seed: int = 0) -> dict:
+    """Prompt embeddings (and masks) for :func:`pixart_pipeline`, with guidance, at any size."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 8, dtype=torch.long)
+    return dict(prompt_embeds=torch.randn(batch, 8, 32, generator=g), prompt_attention_mask=mask,
+                negative_prompt=None, negative_prompt_embeds=torch.randn(batch, 8, 32, generator=g),
+                negative_prompt_attention_mask=mask, use_resolution_binning=False)
+
+
+def sd3_pipeline(**kwargs) -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline without text encoders: call it with :func:`sd3_prompt`."""
+    pipe = StableDiffusion3Pipeline(
+        transformer=sd3_transformer(**kwargs), scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae(shift_factor=0.0), text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def sd3_prompt(batch: int = 1, seed: int = 0) -> dict:
+    """Prompt embeddings for :func:`sd3_pipeline`, with guidance."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(prompt_embeds=torch.randn(batch, 8, 32, generator=g),
+                pooled_prompt_embeds=torch.randn(batch, 64, generator=g),
+                negative_prompt_embeds=torch.randn(batch, 8, 32, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(batch, 64, generator=g))
+
+
 def record_phases(model) -> list[str]:
     """The phase of every call of a patched model from now on, ``"agent"`` or ``"late"``, read by
     a forward pre-hook that runs after AgentSD's (it must be patched first)."""
     from agentsd import context
 
     phases: list[str] = []
-    unet = getattr(model, "unet", model)
-    unet.register_forward_pre_hook(
+    denoiser = getattr(model, "unet", None) or getattr(model, "transformer", None) or model
+    denoiser.register_forward_pre_hook(
         lambda m, a: phases.append("agent" if context.current().phase.agent_ratio is not None else "late"))
     return phases
 
@@ -144,8 +210,14 @@ __all__ = [
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "controlnet_pipeline",
+    "pixart_pipeline",
+    "pixart_prompt",
+    "pixart_transformer",
     "record_phases",
     "sd_pipeline",
+    "sd3_pipeline",
+    "sd3_prompt",
+    "sd3_transformer",
     "sdxl_pipeline",
     "self_attention_hooks",
     "tokenizer",
