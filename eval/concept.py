@@ -1,12 +1,12 @@
 """Subject fidelity for the DreamBooth benchmark: a classifier that also knows the novel shapes.
 
-The shipped attribute classifier (:mod:`eval.adherence`) knows only the shapes the reference model
-was trained on. The *concept classifier* is the same network (:class:`~eval.adherence.AttributeClassifier`)
-with :data:`CONCEPT_ATTRIBUTES`, whose shape head also has :data:`eval.shapes.NOVEL_SHAPES`,
+The shipped attribute classifier (:mod:`eval.reference.adherence`) knows only the shapes the reference model
+was trained on. The *concept classifier* is the same network (:class:`~eval.reference.adherence.AttributeClassifier`)
+with :data:`CONCEPT_ATTRIBUTES`, whose shape head also has :data:`eval.reference.shapes.NOVEL_SHAPES`,
 trained the same way (augmented generator images) on the usual shapes plus novel ones in random
 colours. Its weights live in ``eval/data/concept_classifier/``; regenerate them with
 ``python -m eval.concept``. :func:`score_concept` scores images against target attributes that may
-name a novel shape (which :func:`eval.adherence.score_adherence`, parsing captions, cannot).
+name a novel shape (which :func:`eval.reference.adherence.score_adherence`, parsing captions, cannot).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from eval import shapes
-from eval.adherence import (
+from eval.reference import shapes
+from eval.reference.adherence import (
     AttributeClassifier, augment, fit_classifier, load_classifier, save_classifier, score_attributes, to_tensor,
 )
 
@@ -33,7 +33,7 @@ CONCEPT_CLASSIFIER_DIR = Path(__file__).resolve().parent / "data" / "concept_cla
 def concept_dataset(n: int, seed: int, novel_share: float = 0.25) -> tuple[np.ndarray, list[dict[str, str]]]:
     """``n`` jittered images, ``novel_share`` of them novel shapes in random colours, with labels.
 
-    The rest come from :func:`eval.shapes.make_dataset` (all 90 combinations). Returns uint8
+    The rest come from :func:`eval.reference.shapes.make_dataset` (all 90 combinations). Returns uint8
     images ``(n, 64, 64, 3)`` and one attribute dict per image.
     """
     rng = np.random.default_rng(seed)
@@ -55,7 +55,7 @@ def concept_dataset(n: int, seed: int, novel_share: float = 0.25) -> tuple[np.nd
 def train_concept_classifier(
     n_train: int = 16000, epochs: int = 3, batch_size: int = 128, lr: float = 3e-3, seed: int = 0
 ) -> AttributeClassifier:
-    """Train the concept classifier as :func:`eval.adherence.train_classifier` trains the shipped one."""
+    """Train the concept classifier as :func:`eval.reference.adherence.train_classifier` trains the shipped one."""
     torch.manual_seed(seed)
     data, labels = concept_dataset(n_train, seed=seed + 1000)
     model = AttributeClassifier(attributes=CONCEPT_ATTRIBUTES)
@@ -72,7 +72,7 @@ def score_concept(
     images: Any, targets: Sequence[dict[str, str]], classifier: AttributeClassifier | None = None
 ) -> dict[str, float]:
     """Share of ``images`` whose predicted attributes match ``targets``, per attribute and all at
-    once (:func:`eval.adherence.score_attributes` with the concept classifier by default)."""
+    once (:func:`eval.reference.adherence.score_attributes` with the concept classifier by default)."""
     return score_attributes(images, targets, classifier if classifier is not None else load_concept_classifier())
 
 

@@ -16,8 +16,8 @@ import numpy as np
 
 import agentsd
 from agentsd.training import DreamBoothSettings, load_pipeline, train_dreambooth
-from eval import shapes
-from eval.adherence import generate, score_adherence
+from eval.reference import shapes
+from eval.reference.adherence import generate, score_adherence
 from eval.concept import load_concept_classifier, score_concept
 from eval.latency import build_methods, saving_share
 

@@ -28,6 +28,7 @@ import torch
 
 import agentsd
 from eval.peers import CAToMeSettings, TGateSettings, refusal, unavailable
+from eval.schedules import pndm_schedule
 from eval.todo import ToDoSettings, apply_todo, remove_todo
 
 
@@ -107,15 +108,6 @@ class ZeroFeedForward(torch.nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
-
-
-def pndm_schedule(steps: int = 50) -> Any:
-    """A 50-step PNDM scheduler (SD's), the schedule of a bare UNet under DeepCache."""
-    from diffusers import PNDMScheduler
-
-    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1)
-    scheduler.set_timesteps(steps)
-    return scheduler
 
 
 @dataclass(eq=False)

@@ -1,7 +1,7 @@
 """Metrics of the FID harness, computed once every shard is generated and kept in ``state.json``
 as soon as each is known (a rerun computes only what is missing): FID, prompt adherence,
 same-seed PSNR/SSIM against ``sd`` and the CLIP score. The networks and formulas are in
-:mod:`eval.fid`, :mod:`eval.adherence` and :mod:`eval.fidelity`."""
+:mod:`eval.fid`, :mod:`eval.reference.adherence` and :mod:`eval.fidelity`."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -59,7 +59,7 @@ def compute_metrics(
                 fid.update(batch, real=False)
             entry["fid"] = float(fid.compute())
             if protocol.scores_adherence:
-                from eval.adherence import score_adherence
+                from eval.reference.adherence import score_adherence
 
                 entry["adherence"] = score_adherence(images, list(protocol.prompts))
             state.save()

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 
 from eval.ca_tome_step import pass_step
+from eval.schedules import pndm_schedule
 
 #: T-GATE 1.0.0's defaults, used where a setting is not given: those of ``TgateSDLoader``'s
 #: ``tgate`` (also the README's for SDXL at 25 steps) and of ``TgateSDDeepCacheLoader``'s.
@@ -180,8 +181,6 @@ class CAToMeSettings:
             apply_CA_ToMe(pipe, cache_conf=self.checkpoints(), r=self.threshold)
             pass_step(unet, pipe)
         else:
-            from eval.methods import pndm_schedule
-
             modify_unet(unet)
             apply_patch(unet, self.checkpoints(), r=self.threshold)
             pass_step(unet, schedule=pndm_schedule().timesteps)

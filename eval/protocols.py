@@ -30,7 +30,7 @@ class Protocol:
     width: int
     num_inference_steps: int
     guidance_scale: float
-    scores_adherence: bool  # the prompts are eval.shapes captions
+    scores_adherence: bool  # the prompts are eval.reference.shapes captions
 
     def describe(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,7 +42,7 @@ class Protocol:
 def shapes_protocol(num_images: int, steps: int, guidance: float, seed: int = 0, size: int = 64,
                     name: str = "shapes") -> Protocol:
     """Captions of the embedded model's generator (its training distribution) as prompts."""
-    from eval import shapes
+    from eval.reference import shapes
 
     captions = shapes.make_dataset(num_images, seed=10_000 + seed, size=8).captions
     return Protocol(name, tuple(captions), tuple(seed + i for i in range(num_images)), size, size, steps,
@@ -52,7 +52,7 @@ def shapes_protocol(num_images: int, steps: int, guidance: float, seed: int = 0,
 def shapes_real_images(num_images: int, seed: int = 0, size: int = 64) -> np.ndarray:
     """Real images for :func:`shapes_protocol`: the generator's images for the same captions
     (the first ``n`` match the first ``n`` prompts), uint8 ``(num_images, size, size, 3)``."""
-    from eval import shapes
+    from eval.reference import shapes
 
     return shapes.make_dataset(num_images, seed=10_000 + seed, size=size).images
 

@@ -3,7 +3,7 @@
 
 On the embedded reference model (64 px procedural shapes, never shown a star), DreamBooth teaches
 a new concept: a white five-pointed star under the rare token "sks" (--num-instance images from
-eval/shapes.py, prompt "a white sks on a black background"), with prior preservation on "a white
+eval/reference/shapes.py, prompt "a white sks on a black background"), with prior preservation on "a white
 triangle on a black background". Two finetunes with the same seed, steps and data: with AgentSD on
 every training step, and without (plain DreamBooth). Then five configurations are compared:
 
@@ -18,7 +18,7 @@ on: generation time (seconds per image, median over --repeats interleaved repeat
 and seeds); subject fidelity (the concept classifier of eval/concept.py, which also knows stars:
 share of images that show a star, and with all attributes right, for the instance prompt and for
 the star in new colours, "a red sks on a blue background"); adherence to ordinary held-out prompts
-(the shipped attribute classifier, eval/adherence.py), to see that the finetune did not break the
+(the shipped attribute classifier, eval/reference/adherence.py), to see that the finetune did not break the
 model. Writes OUT/results.json and OUT/results.md. Every finished part (instance images, class
 images, finetunes and their checkpoints, generated images, timing samples) stays in OUT, and a rerun
 continues from there.

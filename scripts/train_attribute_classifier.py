@@ -3,13 +3,13 @@
 
 Writes ``attribute_classifier.safetensors`` and ``attribute_classifier.json`` into ``--out``
 (default ``runs/attribute_classifier``) and prints its accuracy on fresh generator images. The
-shipped classifier lives beside the shipped model in ``eval/reference_model``; replacing it needs
-``--out eval/reference_model --overwrite-shipped-model``.
+shipped classifier lives beside the shipped model in ``eval/reference/unet``; replacing it needs
+``--out eval/reference/unet --overwrite-shipped-model``.
 
 Examples (about 1-2 minutes on one CPU thread)::
 
     python scripts/train_attribute_classifier.py --threads 1
-    python scripts/train_attribute_classifier.py --threads 1 --out eval/reference_model --overwrite-shipped-model
+    python scripts/train_attribute_classifier.py --threads 1 --out eval/reference/unet --overwrite-shipped-model
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.reference_components import OVERWRITE_FLAG, refuse_shipped_model  # noqa: E402
+from eval.reference.components import OVERWRITE_FLAG, refuse_shipped_model  # noqa: E402
 
 DEFAULT_OUT = "runs/attribute_classifier"
 
@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default: {DEFAULT_OUT})")
     p.add_argument(OVERWRITE_FLAG, action="store_true",
-                   help="allow --out to be the shipped model's folder, eval/reference_model (replaces its classifier)")
+                   help="allow --out to be the shipped model's folder, eval/reference/unet (replaces its classifier)")
     p.add_argument("--n-train", type=int, default=20000, help="generated training images")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    from eval.adherence import evaluate_classifier, save_classifier, train_classifier
+    from eval.reference.adherence import evaluate_classifier, save_classifier, train_classifier
 
     model, info = train_classifier(
         n_train=args.n_train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed

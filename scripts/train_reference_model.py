@@ -6,10 +6,10 @@ The result is a small Stable Diffusion pipeline in the diffusers layout, saved i
 offline, with its model card ``README.md`` and ``training_info.json``. Phases: the autoencoder
 (``--vae-steps``), the UNet and text encoder (``--steps``), then the export of the EMA weights and
 the prompt-adherence evaluation (``--no-eval`` skips it). The training itself is
-``eval/reference_training.py``.
+``eval/reference/training.py``.
 
-The shipped model lives in ``eval/reference_model``: writing there needs
-``--out eval/reference_model --overwrite-shipped-model``; without the flag that ``--out`` is refused.
+The shipped model lives in ``eval/reference/unet``: writing there needs
+``--out eval/reference/unet --overwrite-shipped-model``; without the flag that ``--out`` is refused.
 
 Training is reproducible from ``--seed`` (for a given thread count) and resumable: a checkpoint
 (weights, EMA, optimisers, LR schedulers, step, RNG states) is written to ``--ckpt-dir`` every
@@ -21,7 +21,7 @@ Examples (2 threads)::
 
     python scripts/train_reference_model.py --threads 2 --resume
     python scripts/train_reference_model.py --threads 2 --resume \\
-        --out eval/reference_model --overwrite-shipped-model
+        --out eval/reference/unet --overwrite-shipped-model
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from eval.reference_components import OVERWRITE_FLAG, inside_shipped_model, refuse_shipped_model  # noqa: E402
+from eval.reference.components import OVERWRITE_FLAG, inside_shipped_model, refuse_shipped_model  # noqa: E402
 
 DEFAULT_OUT = "runs/reference_model"
 
@@ -54,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=DEFAULT_OUT, help=f"pipeline folder (default: {DEFAULT_OUT})")
     g.add_argument(OVERWRITE_FLAG, action="store_true",
-                   help="allow --out to be the shipped model's folder, eval/reference_model (replaces it)")
+                   help="allow --out to be the shipped model's folder, eval/reference/unet (replaces it)")
     g.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: <out>_ckpt, beside --out)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir if there is one")
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the training, export, evaluate and write the model card."""
     args = parse_args(argv)
-    from eval.reference_training import train
+    from eval.reference.training import train
 
     command = "python scripts/train_reference_model.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     return train(args, command)

@@ -9,7 +9,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import tiny
-from eval import shapes
+from eval.reference import shapes
 
 
 @pytest.fixture

@@ -27,8 +27,9 @@ from agentsd.training import (
     missing_class_images,
     train_dreambooth,
 )
-from eval import REFERENCE_MODEL, shapes
+from eval import REFERENCE_MODEL
 from eval.dreambooth_benchmark import BOUND, CONFIGS
+from eval.reference import shapes
 from scripts.benchmark_dreambooth import main as benchmark_main
 from scripts.train_dreambooth import main as train_main
 

@@ -22,7 +22,7 @@ from eval import REFERENCE_MODEL
 import agentsd.training.dreambooth as dreambooth
 from agentsd.training import CHECKPOINT_FILE, DreamBoothSettings, checkpoint_dirs, train_dreambooth
 from dreambooth_driver import unet_digest
-from eval import shapes
+from eval.reference import shapes
 from scripts.train_dreambooth import main as train_main
 from scripts.train_reference_model import main as reference_main
 

@@ -20,7 +20,7 @@ import pytest
 from eval import REFERENCE_MODEL
 from agentsd.training import CHECKPOINT_FILE, checkpoint_dirs, load_pipeline
 from dreambooth_driver import unet_digest
-from eval import shapes
+from eval.reference import shapes
 
 PROMPT = "a white sks on a black background"
 DRIVER = Path(__file__).with_name("dreambooth_driver.py")

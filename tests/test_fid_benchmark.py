@@ -184,7 +184,7 @@ def test_protocols():
     shapes = protocols.shapes_protocol(6, steps=5, guidance=4.0, seed=3)
     assert shapes.seeds == (3, 4, 5, 6, 7, 8) and shapes.scores_adherence
     assert shapes.prompts == protocols.shapes_protocol(6, 5, 4.0, seed=3).prompts
-    from eval.shapes import parse_caption, render
+    from eval.reference.shapes import parse_caption, render
 
     real = protocols.shapes_real_images(6, seed=3)
     attrs = parse_caption(shapes.prompts[0])

@@ -13,7 +13,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from eval import shapes  # noqa: E402
+from eval.reference import shapes  # noqa: E402
 
 
 def test_make_dataset_is_deterministic() -> None:
@@ -68,7 +68,7 @@ def test_heldout_prompts_are_disjoint_from_training() -> None:
 
 def test_tokenizer_makes_caption_words_single_tokens() -> None:
     pytest.importorskip("transformers")
-    from eval.reference_components import build_tokenizer
+    from eval.reference.components import build_tokenizer
 
     tok = build_tokenizer()
     ids = tok("a red circle on a blue background", padding="max_length", max_length=77).input_ids
@@ -83,7 +83,7 @@ def test_tokenizer_makes_caption_words_single_tokens() -> None:
 
 
 def test_classifier_scores_ground_truth_images() -> None:
-    from eval.adherence import load_classifier, score_adherence
+    from eval.reference.adherence import load_classifier, score_adherence
 
     torch.set_num_threads(1)
     classifier = load_classifier()  # the shipped weights
@@ -103,7 +103,7 @@ def test_classifier_scores_ground_truth_images() -> None:
 
 def test_reference_unet_layout() -> None:
     pytest.importorskip("diffusers")
-    from eval.reference_components import ModelConfig, build_unet, build_vae, count_parameters
+    from eval.reference.components import ModelConfig, build_unet, build_vae, count_parameters
 
     cfg = ModelConfig()
     unet = build_unet(cfg)
@@ -132,7 +132,7 @@ def test_shipped_reference_model_loads_offline_and_generates() -> None:
     import agentsd
     from diffusers import StableDiffusionPipeline
 
-    from eval.adherence import load_classifier, reference_model_dir, score_adherence
+    from eval.reference.adherence import load_classifier, reference_model_dir, score_adherence
 
     folder = reference_model_dir()
     assert sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) <= 40 * 2**20
@@ -156,8 +156,8 @@ def test_shipped_reference_model_loads_offline_and_generates() -> None:
 
 # ----------------------------------------------------------------------------- the shipped model's folder
 
-SHIPPED_SPELLINGS = ("eval/reference_model", "./eval/reference_model/", "eval/../eval/reference_model",
-                     "eval/reference_model/unet")
+SHIPPED_SPELLINGS = ("eval/reference/unet", "./eval/reference/unet/", "eval/../eval/reference/unet",
+                     "eval/reference/unet/unet")
 TRAINING_SCRIPTS = ("train_reference_model", "train_attribute_classifier")
 
 
@@ -176,16 +176,16 @@ def test_training_scripts_refuse_the_shipped_model_without_the_flag(
     import importlib
     import types
 
-    import eval.adherence
+    import eval.reference.adherence
     from eval import REFERENCE_MODEL
 
     module = importlib.import_module(f"scripts.{script}")
     # were the refusal gone, the training would fail the test instead of writing anything
-    fake = types.ModuleType("eval.reference_training")
+    fake = types.ModuleType("eval.reference.training")
     fake.train = _must_not_run  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "eval.reference_training", fake)
-    monkeypatch.setattr(eval.adherence, "train_classifier", _must_not_run)
-    monkeypatch.setattr(eval.adherence, "save_classifier", _must_not_run)
+    monkeypatch.setitem(sys.modules, "eval.reference.training", fake)
+    monkeypatch.setattr(eval.reference.adherence, "train_classifier", _must_not_run)
+    monkeypatch.setattr(eval.reference.adherence, "save_classifier", _must_not_run)
     monkeypatch.chdir(REPO_ROOT)
     before = _snapshot(REFERENCE_MODEL)
     for out in (*SHIPPED_SPELLINGS, str(REFERENCE_MODEL)):
@@ -197,7 +197,7 @@ def test_training_scripts_refuse_the_shipped_model_without_the_flag(
     # by default the output goes under runs/ (ignored by git); the flag lets --out be the shipped folder
     args = module.parse_args([])
     assert Path(args.out).resolve().is_relative_to(REPO_ROOT / "runs")
-    args = module.parse_args(["--out", "eval/reference_model", "--overwrite-shipped-model"])
+    args = module.parse_args(["--out", "eval/reference/unet", "--overwrite-shipped-model"])
     assert Path(args.out).resolve() == REFERENCE_MODEL.resolve()
 
 
@@ -205,12 +205,12 @@ def test_reference_checkpoints_never_go_into_the_shipped_model(monkeypatch: pyte
     from scripts.train_reference_model import parse_args
 
     monkeypatch.chdir(REPO_ROOT)
-    with pytest.raises(SystemExit, match="--ckpt-dir eval/reference_model/ckpt is inside the shipped"):
-        parse_args(["--ckpt-dir", "eval/reference_model/ckpt", "--overwrite-shipped-model"])
+    with pytest.raises(SystemExit, match="--ckpt-dir eval/reference/unet/ckpt is inside the shipped"):
+        parse_args(["--ckpt-dir", "eval/reference/unet/ckpt", "--overwrite-shipped-model"])
     # the default checkpoint folder is beside --out, named after it
     assert Path(parse_args(["--out", "runs/a"]).ckpt_dir) == REPO_ROOT / "runs" / "a_ckpt"
-    shipped = parse_args(["--out", "eval/reference_model", "--overwrite-shipped-model"])
-    assert Path(shipped.ckpt_dir) == REPO_ROOT / "eval" / "reference_model_ckpt"
+    shipped = parse_args(["--out", "eval/reference/unet", "--overwrite-shipped-model"])
+    assert Path(shipped.ckpt_dir) == REPO_ROOT / "eval" / "reference" / "unet_ckpt"
 
 
 
@@ -218,13 +218,13 @@ def test_model_card_template_renders_the_shipped_card() -> None:
     import json
 
     from eval import REFERENCE_MODEL
-    from eval.reference_training import folder_size_mb, render_model_card
+    from eval.reference.training import folder_size_mb, render_model_card
 
     info = json.loads((REFERENCE_MODEL / "training_info.json").read_text())
     card = render_model_card(info, folder_size_mb(REFERENCE_MODEL))
     assert card == (REFERENCE_MODEL / "README.md").read_text()
     # the recorded commands rebuild the shipped folder as the script is called now
-    assert all("--out eval/reference_model --overwrite-shipped-model" in c for c in info["commands"])
+    assert all("--out eval/reference/unet --overwrite-shipped-model" in c for c in info["commands"])
     # without measurements, a stop by the time budget and without the classifier beside it
     short = render_model_card({**info, "adherence": None, "stopped_early": True}, 1.0, has_classifier=False)
     assert "Not measured (`--no-eval`)." in short and "| **held-out" not in short

@@ -2,8 +2,8 @@
 
 ``scripts/train_reference_model.py`` is its command line; the options it parses (an
 :class:`argparse.Namespace`) are what :func:`train` and :class:`Trainer` read. Data: captioned
-64 x 64 images from :mod:`eval.shapes` ("a red circle on a blue background"), never the held-out
-combinations. The models are built by :mod:`eval.reference_components`.
+64 x 64 images from :mod:`eval.reference.shapes` ("a red circle on a blue background"), never the held-out
+combinations. The models are built by :mod:`eval.reference.components`.
 
 Phases:
   1. AutoencoderKL (4x downsampling: 64 px -> 4 x 16 x 16 latents), ``--vae-steps``.
@@ -12,8 +12,8 @@ Phases:
      classifier-free-guidance caption dropout, warmup + cosine LR, EMA), ``--steps``.
   3. The EMA weights are exported with a PNDM (PLMS) scheduler into ``--out``
      (``StableDiffusionPipeline.save_pretrained``), reloaded from disk, and the prompt adherence
-     on held-out prompts is measured with the attribute classifier (:mod:`eval.adherence`); the
-     model card ``README.md`` (from the template ``eval/reference_model_card.md``) and
+     on held-out prompts is measured with the attribute classifier (:mod:`eval.reference.adherence`); the
+     model card ``README.md`` (from the template ``eval/reference/model_card.md``) and
      ``training_info.json`` are written into that folder too.
 
 Checkpoints (weights, EMA, optimisers, LR schedulers, step, RNG states) and the latent cache hold
@@ -41,9 +41,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from agentsd.training import unsafe_file_error
-from eval import shapes
-from eval.adherence import CLASSIFIER_FILE
-from eval.reference_components import (
+from eval.reference import shapes
+from eval.reference.adherence import CLASSIFIER_FILE
+from eval.reference.components import (
     ModelConfig,
     build_inference_scheduler,
     build_text_encoder,
@@ -65,7 +65,7 @@ RUN_KEYS = (
     "text_hidden", "text_layers", "unet_channels", "vae_channels",
 )
 #: the model card template: blocks of markdown with ``{placeholders}`` (see :func:`render_model_card`)
-CARD_TEMPLATE = Path(__file__).resolve().with_name("reference_model_card.md")
+CARD_TEMPLATE = Path(__file__).resolve().with_name("model_card.md")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
@@ -495,7 +495,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from diffusers import StableDiffusionPipeline
     from PIL import Image
 
-    from eval.adherence import evaluate_pipeline, load_classifier
+    from eval.reference.adherence import evaluate_pipeline, load_classifier
 
     t0 = time.time()
     pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True)

@@ -1,14 +1,14 @@
-"""Prompt adherence of images generated from :mod:`eval.shapes` captions.
+"""Prompt adherence of images generated from :mod:`eval.reference.shapes` captions.
 
 A small CNN (:class:`AttributeClassifier`, one linear head per attribute, ~100 K parameters)
 is trained on generator ground truth with noise, blur and colour augmentation, so that it also
 reads the imperfect images a diffusion model makes. :func:`score_adherence` compares its
 predictions with the attributes parsed from the prompts.
 
-The shipped weights live in ``eval/reference_model/attribute_classifier.safetensors`` with a
+The shipped weights live in ``eval/reference/unet/attribute_classifier.safetensors`` with a
 JSON config beside it; ``scripts/train_attribute_classifier.py`` regenerates them (into
 ``runs/attribute_classifier``, or over the shipped ones with
-``--out eval/reference_model --overwrite-shipped-model``).
+``--out eval/reference/unet --overwrite-shipped-model``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from eval import shapes
+from eval.reference import shapes
 
 CLASSIFIER_FILE = "attribute_classifier.safetensors"
 CONFIG_FILE = "attribute_classifier.json"
@@ -305,12 +305,12 @@ def score_adherence(
     batch_size: int = 128,
     return_predictions: bool = False,
 ) -> dict[str, Any]:
-    """Score how well ``images`` follow their ``prompts`` (captions of :mod:`eval.shapes`).
+    """Score how well ``images`` follow their ``prompts`` (captions of :mod:`eval.reference.shapes`).
 
     Args:
         images: PIL images, a uint8/float array ``(B, H, W, 3)`` or a tensor ``(B, 3, H, W)`` in
             ``[0, 1]``; one per prompt.
-        prompts: captions parseable by :func:`eval.shapes.parse_caption`.
+        prompts: captions parseable by :func:`eval.reference.shapes.parse_caption`.
         classifier: default: :func:`load_classifier` ().
         batch_size: classifier batch size.
         return_predictions: also return the predicted attributes of every image.

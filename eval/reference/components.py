@@ -1,7 +1,7 @@
 """Builders for the components of agentsd's embedded reference Stable Diffusion pipeline.
 
 Everything is built offline from code: a word-level :class:`~transformers.CLIPTokenizer` (a
-byte-level BPE whose merges spell out exactly the caption words of :mod:`eval.shapes`, so every
+byte-level BPE whose merges spell out exactly the caption words of :mod:`eval.reference.shapes`, so every
 caption word is one token while any other text still tokenizes, byte by byte), a small
 :class:`~transformers.CLIPTextModel`, an :class:`~diffusers.AutoencoderKL` with downsampling factor
 4 (64 px images -> 4 x 16 x 16 latents) and a :class:`~diffusers.UNet2DConditionModel` with the SD
@@ -19,7 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from eval import REFERENCE_MODEL, shapes
+from eval import REFERENCE_MODEL
+from eval.reference import shapes
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -64,7 +65,7 @@ def build_tokenizer(words: Iterable[str] | None = None) -> Any:
 
     The vocabulary holds the two special tokens, the 256 byte-level symbols, their ``</w>``
     variants, and one token per merge learned from ``words`` (default: the caption vocabulary of
-    :mod:`eval.shapes`). ``model_max_length`` is 77, like SD's tokenizer.
+    :mod:`eval.reference.shapes`). ``model_max_length`` is 77, like SD's tokenizer.
     """
     from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
