@@ -17,12 +17,14 @@ from .patch import (
     stored_config,
 )
 from .phase import timestep_value
+from .tune import TuneResult, tune
 
 __version__ = "0.3.0"
 
 __all__ = [
     "AgentSDConfig",
     "Phase",
+    "TuneResult",
     "agent_attention",
     "apply_patch",
     "is_patched",
@@ -35,4 +37,5 @@ __all__ = [
     "store_config",
     "stored_config",
     "timestep_value",
+    "tune",
 ]
