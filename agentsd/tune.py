@@ -2,10 +2,10 @@
 
 Whether AgentSD's token reduction pays depends on the device, the resolution, the batch, the
 dtype, the attention kernel and whether the model is compiled. :func:`tune` times one denoiser
-call of every candidate (no patch, ``reduction="merge"``, ``reduction="pool"``, the settings stored
-with the model and any the caller adds) in each phase of the patch, on dummy inputs of the caller's shape, on the model
-itself, and returns the fastest setting only when it beats the unpatched model by more than the
-measured noise::
+call of every candidate (no patch, ``reduction="merge"``, ``reduction="pool"``, the settings
+stored with the model and any the caller adds) in each phase of the patch, on dummy inputs of the
+caller's shape, on the model itself, and returns the fastest setting only when it beats the
+unpatched model by more than the measured noise::
 
     result = agentsd.tune(pipe, height=1024, width=1024)
     print(result)                     # the table
@@ -14,7 +14,8 @@ measured noise::
 Protocol (details in ``docs/tune.md``):
 
 - inputs: dummy denoiser inputs of the requested shape on the model's device and dtype
-  (:func:`denoiser_inputs`, the one place that knows a model family);
+  (:func:`denoiser_inputs`, the one place that knows what a model family is conditioned on), one
+  timestep per sample as the pipelines pass it;
 - every candidate, in each phase (a call at timestep 999, the agent phase, and one at timestep 0,
   the late phase): ``warmup`` untimed calls (on a compiled model, first one more call that
   compiles, timed apart and never counted), then ``repeats`` rounds; each round visits every
@@ -45,7 +46,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 #: Timesteps of the two timed calls: the noisiest (agent phase) and the last (late phase).
 AGENT_TIMESTEP = 999
 LATE_TIMESTEP = 0
-#: Text tokens of the dummy ``encoder_hidden_states`` (CLIP's 77).
+#: Text tokens of a UNet's dummy ``encoder_hidden_states`` (CLIP's 77).
 TEXT_TOKENS = 77
 #: Version of the cache files' layout; a file of another version is ignored and rewritten.
 CACHE_FORMAT = 1
@@ -66,7 +67,6 @@ NO_PATCH = "no patch"
 #: some of its submodules (``compile_repeated_blocks``); None when it is not.
 CompileState = Literal["whole", "regional"]
 
-_DEFAULT_CANDIDATES = (("merge", AgentSDConfig()), ("pool", AgentSDConfig(reduction="pool")))
 
 
 # ----------------------------------------------------------------------------- the result
@@ -77,9 +77,9 @@ class TuneRow:
     """One candidate of :func:`tune` and its timings.
 
     Attributes:
-        name: ``"no patch"``, ``"merge"``, ``"pool"`` or, for other settings (stored with the
-            model, or added by the caller), the reduction and the settings that differ from its
-            defaults (``"pool: ratio=0.5"``).
+        name: ``"no patch"``, ``"merge"``, ``"pool"`` (:func:`default_candidates`) or, for other
+            settings (stored with the model, or added by the caller), the reduction and the
+            settings that differ from ``"merge"``'s (``"pool: ratio=0.5"``).
         settings: the candidate's settings; None for the unpatched model.
         agent_seconds: median seconds of one denoiser call in the agent phase (timestep 999).
         late_seconds: median seconds of one call in the late phase (timestep 0).
@@ -297,20 +297,33 @@ def _seconds(value: float) -> str:
 # ----------------------------------------------------------------------------- the model
 
 
-def _denoiser_of(model: Any) -> tuple[torch.nn.Module, torch.nn.Module, Any | None]:
-    """``(what to call, the denoiser itself, the pipeline or None)``: a ``torch.compile`` wrapper
-    is called (so its graphs run) and looked through for the denoiser."""
-    from diffusers import UNet2DConditionModel
+class _Denoiser(NamedTuple):
+    """What tune needs to know of a model."""
 
-    pipeline, call = None, model
-    if not isinstance(getattr(model, "_orig_mod", model), UNet2DConditionModel):
-        pipeline, call = model, getattr(model, "unet", None)
-    base = getattr(call, "_orig_mod", call)
-    if isinstance(base, UNet2DConditionModel):
-        return call, base, pipeline
-    raise TypeError("agentsd.tune supports a diffusers pipeline with a UNet2DConditionModel `unet` (Stable "
-                    "Diffusion 1.x/2.x, SDXL, img2img, inpaint, ControlNet, ...) or such a UNet, also wrapped "
-                    f"by torch.compile; got {type(model).__name__}")
+    #: what is called: the denoiser, or its ``torch.compile`` wrapper (so its graphs run)
+    call: torch.nn.Module
+    #: the denoiser itself
+    module: torch.nn.Module
+    #: the pipeline, or None for a bare denoiser
+    pipeline: Any | None
+    #: its family (:data:`agentsd.models.FAMILIES`): ``"unet"``, ``"pixart"`` or ``"sd3"``
+    family: str
+    #: the forward argument that holds the latents
+    sample: str
+
+
+def _denoiser_of(model: Any) -> _Denoiser:
+    """The denoiser of ``model`` (a pipeline or a denoiser, ``torch.compile`` wrappers looked
+    through), as :func:`agentsd.apply_patch` finds it."""
+    from .models import denoiser_of
+
+    try:
+        module, family = denoiser_of(model)
+    except TypeError as err:
+        raise TypeError(f"agentsd.tune: {err}") from None
+    if getattr(model, "_orig_mod", model) is module:
+        return _Denoiser(model, module, None, family.name, family.sample)
+    return _Denoiser(getattr(model, family.attribute), module, model, family.name, family.sample)
 
 
 def compile_state(model: Any) -> CompileState | None:
@@ -318,19 +331,27 @@ def compile_state(model: Any) -> CompileState | None:
     ``torch.compile`` wrapper (``OptimizedModule``) or a denoiser compiled in place
     (``unet.compile()``), ``"regional"`` when some of its submodules are
     (``compile_repeated_blocks``), None when it is eager."""
-    call, base, _ = _denoiser_of(model)
-    if isinstance(call, torch._dynamo.eval_frame.OptimizedModule) or getattr(base, "_compiled_call_impl", None):
+    found = _denoiser_of(model)
+    if isinstance(found.call, torch._dynamo.eval_frame.OptimizedModule) or \
+            getattr(found.module, "_compiled_call_impl", None) is not None:
         return "whole"
-    if any(getattr(m, "_compiled_call_impl", None) is not None for m in base.modules()):
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in found.module.modules()):
         return "regional"
     return None
 
 
 def vae_scale_factor(model: Any) -> int:
     """Pixels per latent pixel: the pipeline's ``vae_scale_factor``, or 8 for a bare denoiser."""
-    _, _, pipeline = _denoiser_of(model)
+    pipeline = _denoiser_of(model).pipeline
     factor = getattr(pipeline, "vae_scale_factor", None) if pipeline is not None else None
     return int(factor) if isinstance(factor, int) and factor > 0 else 8
+
+
+def _patch_size(model: Any) -> int:
+    """Latent pixels per token side of a transformer (its ``patch_size``); 1 for a UNet."""
+    found = _denoiser_of(model)
+    size = found.module.config.get("patch_size") if found.family != "unet" else None
+    return int(size) if isinstance(size, int) and size > 0 else 1
 
 
 def denoiser_inputs(
@@ -344,12 +365,22 @@ def denoiser_inputs(
 ) -> dict[str, Any]:
     """Dummy keyword inputs of one denoiser call (all but the timestep), for timing.
 
-    The one place that knows each model family (add a family here). For a
-    ``UNet2DConditionModel``: ``sample`` ``(batch, in_channels, *latent)``,
-    ``encoder_hidden_states`` ``(batch, 77, cross_attention_dim)`` and, for SDXL-like UNets
-    (``addition_embed_type == "text_time"``), ``added_cond_kwargs`` with ``text_embeds`` and
-    ``time_ids`` whose sizes fill the UNet's ``projection_class_embeddings_input_dim`` (6 time ids
-    and the pipeline's pooled text size where it has ``text_encoder_2``).
+    The one place that knows what each model family is conditioned on (a new family is a new
+    branch here). The latents are ``(batch, in_channels, *latent)`` under the family's argument
+    name, and:
+
+    - ``unet`` (``UNet2DConditionModel``): ``encoder_hidden_states`` ``(batch, 77,
+      cross_attention_dim)`` and, for SDXL-like UNets (``addition_embed_type == "text_time"``),
+      ``added_cond_kwargs`` with ``text_embeds`` and ``time_ids`` whose sizes fill
+      ``projection_class_embeddings_input_dim`` (6 time ids, or as many as the pipeline's
+      ``text_encoder_2`` leaves room for);
+    - ``pixart`` (``PixArtTransformer2DModel``): ``encoder_hidden_states`` ``(batch, 120,
+      caption_channels)`` (300 tokens for a PixArt-Σ pipeline) and ``added_cond_kwargs`` with the
+      resolution and aspect ratio when the model uses them (None values otherwise, as its pipeline
+      passes);
+    - ``sd3`` (``SD3Transformer2DModel``): ``encoder_hidden_states`` ``(batch, 77 + 256,
+      joint_attention_dim)`` (CLIP and T5 tokens, as its pipeline) and ``pooled_projections``
+      ``(batch, pooled_projection_dim)``.
 
     Args:
         model: a pipeline or its denoiser.
@@ -361,7 +392,8 @@ def denoiser_inputs(
     Raises:
         TypeError: for a denoiser whose conditioning this function cannot build.
     """
-    _, base, pipeline = _denoiser_of(model)
+    found = _denoiser_of(model)
+    base, pipeline, cfg = found.module, found.pipeline, found.module.config
     device = base.device if device is None else torch.device(device)
     dtype = base.dtype if dtype is None else dtype
     generator = torch.Generator().manual_seed(seed)
@@ -369,7 +401,24 @@ def denoiser_inputs(
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(device=device, dtype=dtype)
 
-    cfg = base.config
+    inputs: dict[str, Any] = {found.sample: randn(batch, cfg.in_channels, *latent)}
+    if found.family == "pixart":
+        tokens = 300 if "Sigma" in type(pipeline).__name__ else 120
+        inputs["encoder_hidden_states"] = randn(batch, tokens, int(cfg.caption_channels))
+        if getattr(base, "use_additional_conditions", False):
+            f = vae_scale_factor(model)
+            resolution = torch.tensor([[latent[0] * f, latent[1] * f]] * batch, device=device, dtype=dtype)
+            aspect = torch.tensor([[latent[0] / latent[1]]] * batch, device=device, dtype=dtype)
+            inputs["added_cond_kwargs"] = {"resolution": resolution, "aspect_ratio": aspect}
+        else:
+            inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return inputs
+    if found.family == "sd3":
+        inputs["encoder_hidden_states"] = randn(batch, 77 + 256, int(cfg.joint_attention_dim))
+        inputs["pooled_projections"] = randn(batch, int(cfg.pooled_projection_dim))
+        return inputs
+    if found.family != "unet":
+        raise TypeError(f"agentsd.tune cannot build dummy inputs for the {found.family} family yet")
     unsupported = [f"{name}={cfg.get(name)!r}" for name in ("class_embed_type", "encoder_hid_dim_type")
                    if cfg.get(name) not in (None, "text_proj")]
     if cfg.get("addition_embed_type") not in (None, "text_time"):
@@ -380,10 +429,7 @@ def denoiser_inputs(
     text_dim = cfg.get("encoder_hid_dim") if cfg.get("encoder_hid_dim_type") == "text_proj" else cfg.cross_attention_dim
     if isinstance(text_dim, (list, tuple)):
         text_dim = text_dim[0]
-    inputs: dict[str, Any] = {
-        "sample": randn(batch, cfg.in_channels, *latent),
-        "encoder_hidden_states": randn(batch, TEXT_TOKENS, int(text_dim)),
-    }
+    inputs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, int(text_dim))
     if cfg.get("addition_embed_type") == "text_time":
         total, per_id = int(cfg.projection_class_embeddings_input_dim), int(cfg.addition_time_embed_dim)
         pooled = getattr(getattr(getattr(pipeline, "text_encoder_2", None), "config", None), "projection_dim", None)
@@ -432,7 +478,7 @@ def schedule_timesteps(model: Any, num_inference_steps: int) -> tuple[list[float
     bare denoiser or a scheduler that cannot set its timesteps alone (logged)."""
     from diffusers import PNDMScheduler
 
-    _, _, pipeline = _denoiser_of(model)
+    pipeline = _denoiser_of(model).pipeline
     own = getattr(pipeline, "scheduler", None) if pipeline is not None else None
     if own is not None and hasattr(own, "set_timesteps") and hasattr(own, "config"):
         try:
@@ -610,24 +656,43 @@ def _choose(rows: Sequence[TuneRow]) -> AgentSDConfig | None:
     return best.settings
 
 
-def _candidate_name(config: AgentSDConfig) -> str:
-    for name, default in _DEFAULT_CANDIDATES:
-        if config == default:
-            return name
-    reference = AgentSDConfig(reduction=config.reduction)
+def default_candidates(model: Any) -> list[tuple[str, AgentSDConfig | None]]:
+    """The candidates :func:`tune` always times, as ``[(name, settings)]``: no patch (None);
+    ``"merge"``, what ``apply_patch(model)`` runs on a model without stored settings (the defaults,
+    under the family's recipe, :data:`agentsd.models.RECIPES`); ``"pool"``, what
+    ``apply_patch(model, reduction="pool")`` runs on it; and, when the model has settings stored
+    with it (:func:`agentsd.store_config`), what ``apply_patch(model)`` runs, if it differs."""
+    from .models import RECIPES
+    from .patch import CONFIG_KEY, SETTINGS
+
+    found = _denoiser_of(model)
+    merge = AgentSDConfig(**RECIPES.get(found.family, {}))
+    pool = dataclasses.replace(merge, reduction="pool")
+    candidates: list[tuple[str, AgentSDConfig | None]] = [(NO_PATCH, None), ("merge", merge), ("pool", pool)]
+    data = found.module.config.get(CONFIG_KEY)
+    if data:
+        stored = AgentSDConfig.from_dict(data, source="the settings stored with the model")
+        layered = dataclasses.replace(merge, **{name: getattr(stored, name) for name in data if name in SETTINGS})
+        _add(candidates, layered)
+    return candidates
+
+
+def _add(candidates: list[tuple[str, AgentSDConfig | None]], config: AgentSDConfig) -> None:
+    """Append ``config`` unless it is there already, named after how it differs from ``"merge"``
+    (with its reduction): ``"pool: ratio=0.5"``."""
+    if any(config == settings for _, settings in candidates):
+        return
+    reference = dataclasses.replace(candidates[1][1], reduction=config.reduction)
     changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
                if f.name != "reduction" and getattr(config, f.name) != getattr(reference, f.name)]
-    return f"{config.reduction}: {', '.join(changed)}"
+    candidates.append((f"{config.reduction}: {', '.join(changed)}", config))
 
 
-def _candidates(extra: Any, stored: AgentSDConfig | None = None) -> list[tuple[str, AgentSDConfig | None]]:
-    """``[(name, settings)]``: no patch, merge, pool, the settings stored with the model (what
-    ``apply_patch(model)`` runs) and the caller's, without repeats."""
+def _candidates(model: Any, extra: Any) -> list[tuple[str, AgentSDConfig | None]]:
+    """``[(name, settings)]``: :func:`default_candidates` and the caller's, without repeats."""
     from .patch import SETTINGS
 
-    found: list[tuple[str, AgentSDConfig | None]] = [(NO_PATCH, None), *_DEFAULT_CANDIDATES]
-    if stored is not None and all(stored != settings for _, settings in found):
-        found.append((_candidate_name(stored), stored))
+    found = default_candidates(model)
     if extra is None:
         return found
     if isinstance(extra, (str, bytes, Mapping, AgentSDConfig)) or not isinstance(extra, Sequence):
@@ -647,8 +712,7 @@ def _candidates(extra: Any, stored: AgentSDConfig | None = None) -> list[tuple[s
         else:
             raise TypeError(f"candidates[{index}] must be an AgentSDConfig or a dict of apply_patch settings, "
                             f"got {type(item).__name__}")
-        if all(config != settings for _, settings in found):
-            found.append((_candidate_name(config), config))
+        _add(found, config)
     return found
 
 
@@ -697,19 +761,20 @@ def tune(
     ``torch.inference_mode()``.
 
     Args:
-        model: a diffusers pipeline with a ``UNet2DConditionModel`` ``unet``, or such a UNet; either
-            may be compiled (``pipe.unet = torch.compile(pipe.unet)`` or
+        model: what :func:`~agentsd.apply_patch` takes: a diffusers pipeline of a supported
+            family (SD 1.x/2.x and SDXL UNets, PixArt-α/Σ and SD3/SD3.5 transformers) or its
+            denoiser; either may be compiled (``pipe.unet = torch.compile(pipe.unet)`` or
             ``pipe.unet.compile_repeated_blocks(...)``): the first call of each candidate then
             compiles; it is timed apart (``compile_seconds``) and never counted.
         height: image height in pixels, a positive multiple of the pipeline's ``vae_scale_factor``
-            (8 for Stable Diffusion and for a bare UNet).
+            (8 for Stable Diffusion and for a bare denoiser) times a transformer's patch size.
         width: image width in pixels, likewise.
         num_images: images per denoiser call, >= 1; default 1.
         guidance: classifier-free guidance (the denoiser batch is ``2 * num_images``); default True.
         num_inference_steps: steps of the generation whose schedule weights the phases, >= 1; default 50.
-        candidates: settings to time besides the defaults (no patch, ``reduction="merge"`` and
-            ``reduction="pool"`` at their default ratios, and the settings stored with the model by
-            :func:`~agentsd.store_config`, if any): a list of
+        candidates: settings to time besides the defaults (:func:`default_candidates`: no patch,
+            ``reduction="merge"`` and ``reduction="pool"`` as ``apply_patch`` runs them on this
+            model's family, and the settings stored with the model, if any): a list of
             :class:`~agentsd.config.AgentSDConfig` or of dicts of :func:`~agentsd.apply_patch`
             settings, e.g. ``[{"ratio": 0.6}, {"reduction": "pool", "agent_fraction": 1.0}]``.
         repeats: timed rounds, >= 1; default 5. The noise is measured from their spread, so use
@@ -733,14 +798,17 @@ def tune(
     from diffusers import __version__ as diffusers_version
 
     from . import __version__ as agentsd_version
-    from .patch import apply_patch, patch_config, remove_patch, stored_config
+    from .patch import apply_patch, patch_config, remove_patch
 
-    call, base, pipeline = _denoiser_of(model)
-    factor = vae_scale_factor(model)
+    found = _denoiser_of(model)
+    call, base, pipeline = found.call, found.module, found.pipeline
+    factor, patch = vae_scale_factor(model), _patch_size(model)
     for name, value in (("height", height), ("width", width)):
         _check_int(name, value, 1)
-        if value % factor:
-            raise ValueError(f"{name} must be a positive multiple of {factor} (the vae_scale_factor), got {value}")
+        if value % (factor * patch):
+            what = f"the vae_scale_factor {factor} times the patch size {patch}" if patch > 1 else \
+                "the vae_scale_factor"
+            raise ValueError(f"{name} must be a positive multiple of {factor * patch} ({what}), got {value}")
     _check_int("num_images", num_images, 1)
     _check_bool("guidance", guidance)
     _check_int("num_inference_steps", num_inference_steps, 1)
@@ -753,7 +821,7 @@ def tune(
         folder = Path(cache).expanduser()
     else:
         raise TypeError(f"cache must be a bool or a folder (str or path), got {type(cache).__name__}")
-    rows_to_time = _candidates(candidates, stored_config(base))
+    rows_to_time = _candidates(model, candidates)
 
     batch = num_images * (2 if guidance else 1)
     latent = (height // factor, width // factor)
@@ -786,7 +854,9 @@ def tune(
     inputs = denoiser_inputs(model, batch, latent, device=device, dtype=dtype)
     earlier = patch_config(base)
     sync = _synchronizer(device)
-    steps = {"agent": torch.tensor(AGENT_TIMESTEP, device=device), "late": torch.tensor(LATE_TIMESTEP, device=device)}
+    # one timestep per sample, a view of one value, as the pipelines pass it (``t.expand(batch)``)
+    steps = {phase: torch.tensor(float(t), device=device).expand(batch)
+             for phase, t in (("agent", AGENT_TIMESTEP), ("late", LATE_TIMESTEP))}
     samples = {name: {"agent": [], "late": []} for name, _ in rows_to_time}
     first_calls: dict[str, float] = {}
     calls_per_candidate = 2 * (warmup + repeats + (1 if compiled else 0))
@@ -798,12 +868,10 @@ def tune(
         else:
             apply_patch(base, config=config)
 
-    sample = inputs.pop("sample")
-
     def timed(phase: str) -> float:
         sync()
         start = time.perf_counter()
-        call(sample, steps[phase], **inputs, return_dict=False)
+        call(**inputs, timestep=steps[phase], return_dict=False)
         sync()
         seconds = time.perf_counter() - start
         if bar is not None:
@@ -857,4 +925,4 @@ def tune(
     return result
 
 
-__all__ = ["TuneResult", "TuneRow", "cache_folder", "compile_state", "denoiser_inputs", "tune"]
+__all__ = ["TuneResult", "TuneRow", "cache_folder", "compile_state", "default_candidates", "denoiser_inputs", "tune"]

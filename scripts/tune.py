@@ -5,7 +5,8 @@ phases, weight them by a whole generation's schedule and print the table with th
 
 Without --model it times the SD1.5-architecture UNet with random weights (eval.latency's
 SD15_UNET_CONFIG, a bare UNet: 8 px per latent pixel, the phases weighted by 50 PNDM steps); with
---model, the denoiser of that diffusers pipeline folder, on its own scheduler. Results are cached
+--model, the denoiser of that diffusers pipeline folder (SD 1.x/2.x, SDXL, PixArt, SD3), on its own
+scheduler. Results are cached
 (agentsd.tune's cache: $AGENTSD_CACHE, else ~/.cache/agentsd/tune); --no-cache measures again.
 
 Writes DIR/tune_<height>x<width>.md (the table) and .json (the whole result) for each size.
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         from diffusers import DiffusionPipeline
 
         model = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-        denoiser = model.unet
+        attribute = "unet" if getattr(model, "unet", None) is not None else "transformer"
+        denoiser = getattr(model, attribute)
         label = args.model
     if args.compile == "regional":
         denoiser.compile_repeated_blocks(fullgraph=True)
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.model is None:
             model = compiled
         else:
-            model.unet = compiled
+            setattr(model, attribute, compiled)
     cache = False if args.no_cache else (args.cache if args.cache is not None else True)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -243,10 +243,36 @@ def test_sdxl_gets_its_added_conditions(tmp_path):
     handle.remove()
     assert len(calls) == 6 and result.batch == 4 and result.latent == (16, 16)
     assert result.scheduler == "EulerDiscreteScheduler"
+    assert calls[0]["sample"].shape == (4, 4, 16, 16) and calls[0]["timestep"].shape == (4,)
     added = calls[0]["added_cond_kwargs"]
     assert added["text_embeds"].shape == (4, 32) and added["time_ids"].shape == (4, 6)
     assert calls[0]["encoder_hidden_states"].shape == (4, 77, 64)
     assert_choice_follows_the_table(result)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_transformers_get_their_inputs_and_schedule(family):
+    pipe = tiny.pixart_pipeline() if family == "pixart" else tiny.sd3_pipeline()
+    calls, handle = count_calls(pipe.transformer)
+    result = agentsd.tune(pipe, **SIZE, repeats=1, warmup=0, cache=False, progress=False)
+    handle.remove()
+    assert len(calls) == 6 and not agentsd.is_patched(pipe)
+    assert [row.name for row in result.rows] == ["no patch", "merge", "pool"]
+    latents = calls[0]["hidden_states"]
+    assert latents.shape == (2, 4, 16, 16) and calls[0]["timestep"].shape == (2,)
+    if family == "pixart":
+        assert result.denoiser == "PixArtTransformer2DModel" and result.scheduler == "DPMSolverMultistepScheduler"
+        assert calls[0]["encoder_hidden_states"].shape == (2, 120, 32)
+        assert calls[0]["added_cond_kwargs"] == {"resolution": None, "aspect_ratio": None}
+    else:
+        assert result.denoiser == "SD3Transformer2DModel" and result.scheduler == "FlowMatchEulerDiscreteScheduler"
+        assert calls[0]["encoder_hidden_states"].shape == (2, 333, 32)
+        assert calls[0]["pooled_projections"].shape == (2, 64)
+    assert_choice_follows_the_table(result)
+    message = (r"8 \(the vae_scale_factor 4 times the patch size 2\), got 68" if family == "pixart" else
+               r"4 \(the vae_scale_factor\), got 66")
+    with pytest.raises(ValueError, match="height must be a positive multiple of " + message):
+        agentsd.tune(pipe, height=68 if family == "pixart" else 66, width=64, cache=False)
 
 
 def test_denoiser_inputs_of_bare_unets():
@@ -275,10 +301,10 @@ class VirtualClock:
 
     def __init__(self, module, cost):
         self.now, self.calls, self.cost = 0.0, 0, cost
-        self.handle = module.register_forward_pre_hook(self.hook)
+        self.handle = module.register_forward_pre_hook(self.hook, with_kwargs=True)
 
-    def hook(self, module, args):
-        self.now += self.cost(agentsd.patch_config(module), float(args[1]), self.calls)
+    def hook(self, module, args, kwargs):
+        self.now += self.cost(agentsd.patch_config(module), float(kwargs["timestep"].min()), self.calls)
         self.calls += 1
 
     def perf_counter(self):
@@ -428,9 +454,9 @@ def test_a_candidate_the_model_cannot_take_raises_before_anything_is_timed():
 
 
 def test_unsupported_models_raise():
-    with pytest.raises(TypeError, match="agentsd.tune supports"):
+    with pytest.raises(TypeError, match="agentsd.tune: agentsd supports"):
         agentsd.tune(object(), **SIZE)
-    with pytest.raises(TypeError, match="agentsd.tune supports"):
+    with pytest.raises(TypeError, match="agentsd.tune: agentsd supports .*got Linear"):
         agentsd.tune(torch.nn.Linear(2, 2), **SIZE)
 
 
