@@ -1,15 +1,17 @@
 #!/usr/bin/env python
-"""Train agentsd's embedded reference text-to-image model on procedural shapes (CPU).
+"""Train one of agentsd's embedded reference text-to-image models on procedural shapes (CPU).
 
-The result is a small Stable Diffusion pipeline in the diffusers layout, saved into ``--out``
-(default ``runs/reference_model``) so that ``StableDiffusionPipeline.from_pretrained(out)`` loads it
-offline, with its model card ``README.md`` and ``training_info.json``. Phases: the autoencoder
-(``--vae-steps``), the UNet and text encoder (``--steps``), then the export of the EMA weights and
-the prompt-adherence evaluation (``--no-eval`` skips it). The training itself is
+The result is a small pipeline in the diffusers layout, saved into ``--out`` (default
+``runs/reference_model``) so that ``DiffusionPipeline.from_pretrained(out)`` loads it offline, with
+its model card ``README.md`` and ``training_info.json``: a Stable Diffusion pipeline (``--denoiser
+unet``, the default) or a PixArt pipeline with a small PixArt-layout transformer (``--denoiser
+dit``). Phases: the autoencoder (``--vae-steps``; ``--vae-from`` takes a trained one instead), the
+denoiser and text encoder (``--steps``), then the export of the EMA weights and the
+prompt-adherence evaluation (``--no-eval`` skips it). The training itself is
 ``eval/reference/training.py``.
 
-The shipped model lives in ``eval/reference/unet``: writing there needs
-``--out eval/reference/unet --overwrite-shipped-model``; without the flag that ``--out`` is refused.
+The shipped models live in ``eval/reference/unet`` and ``eval/reference/dit``: writing there needs
+``--overwrite-shipped-model``; without the flag such an ``--out`` is refused.
 
 Training is reproducible from ``--seed`` (for a given thread count) and resumable: a checkpoint
 (weights, EMA, optimisers, LR schedulers, step, RNG states) is written to ``--ckpt-dir`` every
@@ -22,6 +24,8 @@ Examples (2 threads)::
     python scripts/train_reference_model.py --threads 2 --resume
     python scripts/train_reference_model.py --threads 2 --resume \\
         --out eval/reference/unet --overwrite-shipped-model
+    python scripts/train_reference_model.py --threads 2 --resume --denoiser dit --image-size 128 \\
+        --vae-from eval/reference/unet --out runs/reference_dit
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=DEFAULT_OUT, help=f"pipeline folder (default: {DEFAULT_OUT})")
     g.add_argument(OVERWRITE_FLAG, action="store_true",
-                   help="allow --out to be the shipped model's folder, eval/reference/unet (replaces it)")
+                   help="allow --out to be a shipped model's folder, eval/reference/unet or dit (replaces it)")
     g.add_argument("--ckpt-dir", default=None, help="checkpoint folder (default: <out>_ckpt, beside --out)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", action="store_true", help="continue from the checkpoint in --ckpt-dir if there is one")
@@ -68,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
     g.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
 
-    g = p.add_argument_group("UNet + text encoder (phase 2)")
-    g.add_argument("--steps", type=int, default=4000, help="UNet training steps")
+    g = p.add_argument_group("denoiser + text encoder (phase 2)")
+    g.add_argument("--steps", type=int, default=4000, help="denoiser training steps")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
     g.add_argument("--warmup-steps", type=int, default=200)
@@ -85,8 +89,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vae-steps", type=int, default=1200)
     g.add_argument("--vae-batch-size", type=int, default=16)
     g.add_argument("--vae-lr", type=float, default=1e-3)
+    g.add_argument("--vae-from", default=None,
+                   help="a pipeline folder whose trained autoencoder to take (e.g. eval/reference/unet): no phase 1")
 
-    g = p.add_argument_group("model size")
+    g = p.add_argument_group("model")
+    g.add_argument("--denoiser", choices=("unet", "dit"), default="unet",
+                   help="unet: a Stable Diffusion UNet (StableDiffusionPipeline); dit: a PixArt-layout transformer "
+                        "(PixArtAlphaPipeline)")
+    g.add_argument("--image-size", type=int, default=64, choices=(64, 128),
+                   help="image side in px; the latents are a quarter of it (default: 64)")
+    g.add_argument("--dit-width", type=int, default=192, help="DiT width (default: 192)")
+    g.add_argument("--dit-layers", type=int, default=8, help="DiT blocks (default: 8)")
+    g.add_argument("--dit-heads", type=int, default=3, help="DiT attention heads (default: 3)")
+    g.add_argument("--dit-patch", type=int, default=1, help="DiT patch size in latent pixels (default: 1)")
     g.add_argument("--text-hidden", type=int, default=128, help="text encoder width = cross-attention dim")
     g.add_argument("--text-layers", type=int, default=4)
     g.add_argument("--unet-channels", type=_int_tuple, default=(64, 128, 128), help="e.g. 64,128,128")
@@ -102,6 +117,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "training-combination prompts and the best one is used for the held-out prompts")
     g.add_argument("--eval-batch-size", type=int, default=50)
     args = p.parse_args(argv)
+    if args.dit_width % args.dit_heads:
+        p.error(f"--dit-width {args.dit_width} must be a multiple of --dit-heads {args.dit_heads}")
+    if args.vae_from and not (Path(args.vae_from) / "vae" / "config.json").is_file():
+        p.error(f"--vae-from {args.vae_from}: no vae/config.json there")
     refuse_shipped_model(args.out, args.overwrite_shipped_model)
     if args.ckpt_dir is None:
         out = Path(args.out).resolve()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from eval.reference import shapes
+from eval.reference import generation_kwargs, shapes
 
 CLASSIFIER_FILE = "attribute_classifier.safetensors"
 CONFIG_FILE = "attribute_classifier.json"
@@ -382,6 +382,7 @@ def generate(
             guidance_scale=guidance_scale,
             generator=gens,
             output_type="np",
+            **generation_kwargs(pipe),
         )
         out.append((np.clip(res.images, 0.0, 1.0) * 255.0).round().astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), dtype=np.uint8)

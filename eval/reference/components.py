@@ -9,7 +9,7 @@ block layout (cross-attention down/up blocks, a cross-attention mid block) whose
 on the 16 x 16 = 256 latent tokens.
 
 :func:`refuse_shipped_model` keeps the training scripts from overwriting the shipped folder
-(:data:`eval.REFERENCE_MODEL`) unless they are given :data:`OVERWRITE_FLAG`.
+(the folders of :data:`eval.reference.MODELS`) unless they are given :data:`OVERWRITE_FLAG`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from eval import REFERENCE_MODEL
-from eval.reference import shapes
+from eval.reference import MODELS, shapes
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -60,7 +59,7 @@ def learn_merges(words: Iterable[str]) -> list[tuple[str, str]]:
             segments[word] = merged
 
 
-def build_tokenizer(words: Iterable[str] | None = None) -> Any:
+def build_tokenizer(words: Iterable[str] | None = None, max_length: int = MAX_LENGTH) -> Any:
     """Build the CLIP tokenizer in memory (no download).
 
     The vocabulary holds the two special tokens, the 256 byte-level symbols, their ``</w>``
@@ -79,12 +78,19 @@ def build_tokenizer(words: Iterable[str] | None = None) -> Any:
         vocab.setdefault(symbol + "</w>", len(vocab))
     for a, b in merges:
         vocab.setdefault(a + b, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
 @dataclass
 class ModelConfig:
-    """Sizes of the reference pipeline's networks (the defaults are the shipped model)."""
+    """Sizes of the reference pipeline's networks (the defaults are the shipped UNet model).
+
+    ``denoiser`` is ``"unet"`` (:func:`build_unet`) or ``"dit"`` (:func:`build_dit`, a
+    PixArt-layout transformer of ``dit_layers`` blocks, ``dit_width`` wide in ``dit_heads`` heads,
+    on patches of ``dit_patch`` latent pixels). ``image_size`` is the side of the images in px
+    (the latents are a quarter of it); ``text_positions`` the prompt length in tokens (PixArt's
+    pipelines pad prompts to 120).
+    """
 
     text_hidden: int = 128
     text_layers: int = 4
@@ -94,6 +100,13 @@ class ModelConfig:
     unet_layers_per_block: int = 1
     unet_heads: int = 4
     extra: dict[str, Any] = field(default_factory=dict)
+    denoiser: str = "unet"
+    dit_width: int = 192
+    dit_layers: int = 8
+    dit_heads: int = 3
+    dit_patch: int = 1
+    image_size: int = 64
+    text_positions: int = MAX_LENGTH
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -112,7 +125,8 @@ class ModelConfig:
 
 
 def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> Any:
-    """A small randomly initialised :class:`~transformers.CLIPTextModel` (77 positions)."""
+    """A small randomly initialised :class:`~transformers.CLIPTextModel` (``text_positions``
+    positions, 77 by default)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
@@ -121,7 +135,7 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> Any:
         intermediate_size=4 * cfg.text_hidden,
         num_hidden_layers=cfg.text_layers,
         num_attention_heads=cfg.text_heads,
-        max_position_embeddings=MAX_LENGTH,
+        max_position_embeddings=cfg.text_positions,
         hidden_act="quick_gelu",
         bos_token_id=0,
         eos_token_id=1,
@@ -206,6 +220,38 @@ def build_unet(cfg: ModelConfig, sample_size: int = 16) -> Any:
     )
 
 
+def build_dit(cfg: ModelConfig, sample_size: int = 16) -> Any:
+    """A :class:`~diffusers.PixArtTransformer2DModel` with PixArt's block layout (``ada_norm_single``
+    blocks: self-attention over the ``(sample_size / dit_patch) ** 2`` image tokens, cross-attention
+    to the text), sized by ``cfg``; it predicts the noise only (``out_channels=4``, no learned
+    variance)."""
+    from diffusers import PixArtTransformer2DModel
+
+    return PixArtTransformer2DModel(
+        sample_size=sample_size,
+        num_layers=cfg.dit_layers,
+        patch_size=cfg.dit_patch,
+        attention_head_dim=cfg.dit_width // cfg.dit_heads,
+        num_attention_heads=cfg.dit_heads,
+        caption_channels=cfg.text_hidden,
+        cross_attention_dim=cfg.dit_width,
+        in_channels=4,
+        out_channels=4,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+
+
+def build_denoiser(cfg: ModelConfig) -> Any:
+    """The denoiser ``cfg`` names, for latents of a quarter of ``cfg.image_size``."""
+    latent = cfg.image_size // 4
+    return build_dit(cfg, latent) if cfg.denoiser == "dit" else build_unet(cfg, latent)
+
+
 def scheduler_config() -> dict[str, Any]:
     """SD 1.x noise schedule (scaled-linear betas 0.00085..0.012 over 1000 steps, epsilon)."""
     return {
@@ -236,16 +282,26 @@ def count_parameters(module: Any) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def shipped_folder(path: str | Path) -> Path | None:
+    """The shipped reference model's folder (one of :data:`eval.reference.MODELS`) that ``path``
+    is, or is inside; None otherwise."""
+    resolved = Path(path).resolve()
+    for folder in MODELS.values():
+        shipped = folder.resolve()
+        if resolved == shipped or shipped in resolved.parents:
+            return shipped
+    return None
+
+
 def inside_shipped_model(path: str | Path) -> bool:
-    """Whether ``path`` is the shipped model's folder (:data:`eval.REFERENCE_MODEL`) or inside it."""
-    resolved, shipped = Path(path).resolve(), REFERENCE_MODEL.resolve()
-    return resolved == shipped or shipped in resolved.parents
+    """Whether ``path`` is a shipped model's folder (:data:`eval.reference.MODELS`) or inside one."""
+    return shipped_folder(path) is not None
 
 
 def refuse_shipped_model(out: str | Path, overwrite: bool) -> None:
     """End the run with a one-line error naming :data:`OVERWRITE_FLAG` if the output folder ``out``
     is the shipped model's (or inside it) and ``overwrite`` (that option) is not set."""
-    if not overwrite and inside_shipped_model(out):
-        shipped = REFERENCE_MODEL.resolve()
+    shipped = shipped_folder(out)
+    if not overwrite and shipped is not None:
         raise SystemExit(f"--out {out} would write into the shipped reference model ({shipped}); "
                          f"pass {OVERWRITE_FLAG} to overwrite it on purpose, or choose another folder")

@@ -11,7 +11,8 @@ Phases:
      CLIP text encoder are trained jointly with the DDPM epsilon loss (min-SNR weighting,
      classifier-free-guidance caption dropout, warmup + cosine LR, EMA), ``--steps``.
   3. The EMA weights are exported with a PNDM (PLMS) scheduler into ``--out``
-     (``StableDiffusionPipeline.save_pretrained``), reloaded from disk, and the prompt adherence
+     (``StableDiffusionPipeline.save_pretrained``; ``PixArtAlphaPipeline`` for ``--denoiser dit``),
+     reloaded from disk, and the prompt adherence
      on held-out prompts is measured with the attribute classifier (:mod:`eval.reference.adherence`); the
      model card ``README.md`` (from the template ``eval/reference/model_card.md``) and
      ``training_info.json`` are written into that folder too.
@@ -43,13 +44,14 @@ from tqdm.auto import tqdm
 from agentsd.training import unsafe_file_error
 from eval.reference import shapes
 from eval.reference.adherence import CLASSIFIER_FILE
+from eval.reference import generation_kwargs
 from eval.reference.components import (
     ModelConfig,
+    build_denoiser,
     build_inference_scheduler,
     build_text_encoder,
     build_tokenizer,
     build_train_scheduler,
-    build_unet,
     build_vae,
     count_parameters,
     freeze_vae_logvar,
@@ -62,19 +64,32 @@ CHECKPOINT_VERSION = 2  # 1: pickled, no longer loaded
 RUN_KEYS = (
     "seed", "steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "ema_decay",
     "cfg_drop", "snr_gamma", "noise_offset", "n_train_images", "vae_steps", "vae_batch_size", "vae_lr",
-    "text_hidden", "text_layers", "unet_channels", "vae_channels",
+    "text_hidden", "text_layers", "unet_channels", "vae_channels", "denoiser", "dit_width", "dit_layers", "dit_heads",
+    "dit_patch", "image_size", "vae_from",
 )
+#: what a PixArt transformer takes beside the latents, text and timestep (no size conditions)
+NO_ADDED_CONDITIONS = {"resolution": None, "aspect_ratio": None}
+#: PixArt's pipelines pad prompts to this many tokens
+DIT_TEXT_POSITIONS = 120
 #: the model card template: blocks of markdown with ``{placeholders}`` (see :func:`render_model_card`)
 CARD_TEMPLATE = Path(__file__).resolve().with_name("model_card.md")
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:
     """Network sizes from the options."""
+    dit = args.denoiser == "dit"
     return ModelConfig(
         text_hidden=args.text_hidden,
         text_layers=args.text_layers,
         vae_channels=tuple(args.vae_channels),
         unet_channels=tuple(args.unet_channels),
+        denoiser=args.denoiser,
+        dit_width=args.dit_width,
+        dit_layers=args.dit_layers,
+        dit_heads=args.dit_heads,
+        dit_patch=args.dit_patch,
+        image_size=args.image_size,
+        text_positions=DIT_TEXT_POSITIONS if dit else ModelConfig.text_positions,
     )
 
 
@@ -98,10 +113,11 @@ def lr_lambda(warmup: int, total: int, floor: float):
     return f
 
 
-def render_batch(seed: int, step: int, n: int) -> torch.Tensor:
+def render_batch(seed: int, step: int, n: int, size: int = 64) -> torch.Tensor:
     """``n`` fresh training images for VAE step ``step`` (depends only on seed and step), in [-1, 1]."""
     rng = np.random.default_rng([seed, 1, step])
-    imgs = np.stack([np.asarray(shapes.render(a, rng=rng)) for a in (shapes.sample_attributes(rng) for _ in range(n))])
+    imgs = np.stack([np.asarray(shapes.render(a, size=size, rng=rng))
+                     for a in (shapes.sample_attributes(rng) for _ in range(n))])
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -194,10 +210,15 @@ class Trainer:
         torch.manual_seed(args.seed)
         np.random.seed(args.seed)
         random.seed(args.seed)
-        self.tokenizer = build_tokenizer()
+        self.tokenizer = build_tokenizer(max_length=self.cfg.text_positions)
         self.text_encoder = build_text_encoder(self.cfg, vocab_size=len(self.tokenizer))
         self.vae = build_vae(self.cfg)
-        self.unet = build_unet(self.cfg)
+        if args.vae_from:  # a trained autoencoder: phase 1 is skipped
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae", local_files_only=True)
+        #: the denoiser (a UNet, or a PixArt-layout transformer); "unet" in checkpoints either way
+        self.unet = build_denoiser(self.cfg)
         freeze_vae_logvar(self.vae)
         self.noise_scheduler = build_train_scheduler()
         self.gen = torch.Generator().manual_seed(args.seed)
@@ -213,7 +234,7 @@ class Trainer:
         )
         self.ema = EMA(self.train_params, args.ema_decay)
 
-        self.phase = "vae"
+        self.phase = "unet" if args.vae_from else "vae"
         self.vae_step = 0
         self.unet_step = 0
         self.scaling_factor: float | None = None
@@ -333,7 +354,7 @@ class Trainer:
                 bar.close()
                 return False
             t0 = time.time()
-            x = render_batch(args.seed, self.vae_step, args.vae_batch_size)
+            x = render_batch(args.seed, self.vae_step, args.vae_batch_size, args.image_size)
             posterior = self.vae.encode(x).latent_dist
             rec = self.vae.decode(posterior.sample(generator=self.gen)).sample
             loss = F.mse_loss(rec, x) + F.l1_loss(rec, x)
@@ -361,7 +382,7 @@ class Trainer:
         args = self.args
         path = self.ckpt_dir / LATENT_CACHE
         fingerprint = float(sum(p.double().sum() for p in self.vae.parameters()))
-        key = {"seed": args.seed, "n": args.n_train_images, "vae": fingerprint}
+        key = {"seed": args.seed, "n": args.n_train_images, "vae": fingerprint, "size": args.image_size}
         if path.exists():
             try:
                 cache = safe_load(path)
@@ -371,7 +392,7 @@ class Trainer:
             if isinstance(cache, dict) and cache.get("key") == key:
                 return cache
         t0 = time.time()
-        data = shapes.make_dataset(args.n_train_images, seed=args.seed + 7919)
+        data = shapes.make_dataset(args.n_train_images, seed=args.seed + 7919, size=args.image_size)
         self.vae.eval()
         means = []
         for i in tqdm(range(0, len(data.images), 256), desc="encode", disable=not self.progress):
@@ -395,11 +416,27 @@ class Trainer:
 
     # ------------------------------------------------------------------ phase 2
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        return self.tokenizer(
+    def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask, padded as the pipeline pads them."""
+        out = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
-        ).input_ids
+        )
+        return out.input_ids, out.attention_mask
+
+    def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, caption: torch.Tensor, tokens: torch.Tensor,
+                      masks: torch.Tensor) -> torch.Tensor:
+        """The denoiser's noise prediction for the captions ``caption`` (rows of ``tokens`` and
+        ``masks``), the text encoded as its pipeline encodes it: a UNet (StableDiffusionPipeline)
+        sees the whole padded prompt, a PixArt transformer (PixArtAlphaPipeline) the masked one,
+        and masks the padding in its cross-attention."""
+        uniq, inverse = torch.unique(caption, return_inverse=True)
+        if self.cfg.denoiser == "dit":
+            text = self.text_encoder(tokens[uniq], attention_mask=masks[uniq]).last_hidden_state[inverse]
+            return self.unet(noisy, encoder_hidden_states=text, encoder_attention_mask=masks[caption], timestep=t,
+                             added_cond_kwargs=NO_ADDED_CONDITIONS).sample
+        text = self.text_encoder(tokens[uniq]).last_hidden_state[inverse]
+        return self.unet(noisy, t, encoder_hidden_states=text).sample
 
     def train_unet(self, cache: dict[str, Any]) -> bool:
         """Train UNet + text encoder; return False if stopped early."""
@@ -407,7 +444,7 @@ class Trainer:
         self.scaling_factor = cache["scaling_factor"]
         latents = cache["mean"]
         caption_index = cache["caption_index"]
-        tokens = self.tokenize(list(cache["captions"]) + [""])  # last row: the unconditional caption
+        tokens, masks = self.tokenize(list(cache["captions"]) + [""])  # last row: the unconditional caption
         empty = len(cache["captions"])
         latent_std = float(torch.exp(0.5 * self.vae.quant_conv.bias.detach()[4:]).mean())
         alphas = self.noise_scheduler.alphas_cumprod
@@ -432,10 +469,8 @@ class Trainer:
             t = torch.randint(0, len(alphas), (b,), generator=self.gen)
             drop = torch.rand(b, generator=self.gen) < args.cfg_drop
             cap = torch.where(drop, torch.full_like(idx, empty), caption_index[idx])
-            uniq, inverse = torch.unique(cap, return_inverse=True)
-            text = self.text_encoder(tokens[uniq]).last_hidden_state[inverse]
             noisy = self.noise_scheduler.add_noise(z, noise, t)
-            pred = self.unet(noisy, t, encoder_hidden_states=text).sample
+            pred = self.predict_noise(noisy, t, cap, tokens, masks)
             per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
             if args.snr_gamma > 0:
                 s = snr[t]
@@ -461,14 +496,20 @@ class Trainer:
     # ------------------------------------------------------------------ export
 
     def export(self) -> None:
-        """Save the EMA weights as a StableDiffusionPipeline into ``--out``."""
-        from diffusers import StableDiffusionPipeline
+        """Save the EMA weights as a StableDiffusionPipeline (a PixArtAlphaPipeline for a DiT)
+        into ``--out``."""
+        from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline
 
         unet = copy.deepcopy(self.unet)
         text_encoder = copy.deepcopy(self.text_encoder)
         self.ema.copy_to(list(unet.parameters()) + list(text_encoder.parameters()))
         vae = copy.deepcopy(self.vae)
         vae.register_to_config(scaling_factor=self.scaling_factor)
+        if self.cfg.denoiser == "dit":
+            pipe = PixArtAlphaPipeline(tokenizer=self.tokenizer, text_encoder=text_encoder.eval(), vae=vae.eval(),
+                                       transformer=unet.eval(), scheduler=build_inference_scheduler())
+            pipe.save_pretrained(self.out, safe_serialization=True)
+            return
         pipe = StableDiffusionPipeline(
             vae=vae.eval(),
             text_encoder=text_encoder.eval(),
@@ -492,14 +533,13 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     With several ``--guidance`` values, each is scored on the training-combination prompts and the
     best one (all attributes correct) is used for the held-out prompts.
     """
-    from diffusers import StableDiffusionPipeline
     from PIL import Image
 
+    from eval.reference import load_pipeline
     from eval.reference.adherence import evaluate_pipeline, load_classifier
 
     t0 = time.time()
-    pipe = StableDiffusionPipeline.from_pretrained(args.out, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.out)
     classifier = load_classifier()
     common = dict(num_inference_steps=args.eval_steps, batch_size=args.eval_batch_size,
                   classifier=classifier, progress=not args.no_progress)
@@ -519,12 +559,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     # a grid of the first 24 held-out samples (two per held-out prompt)
     k = min(24, len(images))
     if k:
-        cols = 12
+        cols, side = 12, images.shape[1]
         rows = math.ceil(k / cols)
-        grid = np.zeros((rows * 64, cols * 64, 3), dtype=np.uint8)
+        grid = np.zeros((rows * side, cols * side, 3), dtype=np.uint8)
         for i in range(k):
             r, c = divmod(i, cols)
-            grid[r * 64 : (r + 1) * 64, c * 64 : (c + 1) * 64] = images[i]
+            grid[r * side : (r + 1) * side, c * side : (c + 1) * side] = images[i]
         Image.fromarray(grid).save(Path(args.out) / "samples.png")
     result["eval_seconds"] = round(time.time() - t0, 1)
     return result
@@ -590,19 +630,33 @@ def render_model_card(
     else:
         adherence = blocks["not_measured"]
     scaling = info.get("scaling_factor")
+    # runs recorded before the DiT option have a UNet at 64 px and a trained autoencoder
+    run = {"denoiser": "unet", "image_size": 64, "vae_from": None, **run}
+    model = {"dit_width": None, "dit_layers": None, "dit_heads": None, "dit_patch": 1, **model}
+    latent = run["image_size"] // 4
+    grid = latent // model["dit_patch"] if run["denoiser"] == "dit" else latent
+    dit = run["denoiser"] == "dit"
+    sizes = dict(unet_params=f"{counts['unet'] / 1e6:.2f}", unet_channel_list=list(model["unet_channels"]),
+                 latent=latent, grid=grid, tokens=grid * grid, dit_width=model["dit_width"],
+                 dit_layers=model["dit_layers"], dit_heads=model["dit_heads"], dit_patch=model["dit_patch"])
     card = blocks["card"].format(
         **run,
+        kind="PixArt" if dit else "Stable Diffusion",
+        pipeline_class="PixArtAlphaPipeline" if dit else "StableDiffusionPipeline",
+        folder="eval/reference/dit" if dit else "eval/reference/unet",
+        denoiser_name="transformer" if dit else "UNet",
+        denoiser_row=blocks["dit_row" if dit else "unet_row"].format(**sizes),
+        vae_training=blocks["vae_reused" if run["vae_from"] else "vae_trained"].format(
+            vae_steps_done=info["vae_steps_done"], **run),
+        latent=latent,
         n_train_combos=len(shapes.TRAIN_COMBOS),
         n_heldout_combos=len(shapes.HELDOUT_COMBOS),
-        unet_params=f"{counts['unet'] / 1e6:.2f}",
         text_params=f"{counts['text_encoder'] / 1e6:.2f}",
         vae_params=f"{counts['vae'] / 1e6:.2f}",
-        unet_channel_list=list(model["unet_channels"]),
         vae_channel_list=list(model["vae_channels"]),
         text_layer_count=model["text_layers"],
         text_width=model["text_hidden"],
         scaling_factor=f"{scaling:.4f}" if scaling is not None else "unknown",
-        vae_steps_done=info["vae_steps_done"],
         unet_steps_done=info["unet_steps_done"],
         cfg_drop_percent=f"{100 * run['cfg_drop']:.0f}",
         minutes_total=info["training_minutes_total"],
