@@ -6,18 +6,19 @@
 """
 from .agent_attention import agent_attention
 from .config import AgentSDConfig, Phase, load_config, save_config
+from .models import self_attention_layers
 from .patch import (
     apply_patch,
     is_patched,
     patch_config,
     patched,
     remove_patch,
-    self_attention_layers,
+    resolve_config,
     store_config,
     stored_config,
 )
 from .phase import timestep_value
-from .tune import TuneResult, tune
+from .tuning import TuneResult, tune
 
 __version__ = "0.3.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "patch_config",
     "patched",
     "remove_patch",
+    "resolve_config",
     "save_config",
     "self_attention_layers",
     "store_config",

@@ -135,20 +135,7 @@ def apply_patch(
         raise TypeError(f"apply_patch() got unknown keyword(s) {sorted(unknown)}; valid: {sorted(SETTINGS)}")
     given = {k: v for k, v in locals().items() if k in SETTINGS and v is not UNSET}
     denoiser, family = denoiser_of(model)
-    if config is not None and not isinstance(config, AgentSDConfig):
-        raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
-    values = AgentSDConfig().to_dict()
-    source = dict.fromkeys(RECIPES[family.name], f"recipe for {family.name}")
-    values.update(RECIPES[family.name])
-    if config is not None:
-        values, source = config.to_dict(), dict.fromkeys(SETTINGS, "config")
-    else:
-        stored = _stored(denoiser)
-        values.update(stored)
-        source.update(dict.fromkeys(stored, "stored with the model"))
-    values.update(given)
-    source.update(dict.fromkeys(given, "given"))
-    config = AgentSDConfig(**values)
+    config, source = _resolve(denoiser, family, config, given)
     if config.merge_crossattn and family.name == "sd3":
         raise ValueError("merge_crossattn: SD3's blocks have no cross-attention (their joint attention keeps the "
                          "text tokens whole); leave it False")
@@ -171,6 +158,40 @@ def apply_patch(
     logger.info("AgentSD on %d %s blocks at downsampling %s (%s): %s", len(blocks), type(denoiser).__name__,
                 sorted({f for _, f in blocks.values()}), ", ".join(blocks), _describe(config, source))
     return model
+
+
+def resolve_config(model: Any, config: AgentSDConfig | None = None, **settings: Any) -> AgentSDConfig:
+    """The settings ``apply_patch(model, config=config, **settings)`` would run, without patching:
+    the keywords, then ``config``, the settings stored with the model, its family's recipe and the
+    defaults.
+
+    Raises:
+        TypeError, ValueError: as :func:`apply_patch` does for these arguments.
+    """
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown setting(s) {unknown}; valid: {sorted(SETTINGS)}")
+    denoiser, family = denoiser_of(model)
+    return _resolve(denoiser, family, config, settings)[0]
+
+
+def _resolve(denoiser: torch.nn.Module, family: Family, config: AgentSDConfig | None,
+             given: dict[str, Any]) -> tuple[AgentSDConfig, dict[str, str]]:
+    """The settings and where each came from (see :func:`resolve_config`)."""
+    if config is not None and not isinstance(config, AgentSDConfig):
+        raise TypeError(f"config must be an AgentSDConfig, got {type(config).__name__}")
+    values = AgentSDConfig().to_dict()
+    source = dict.fromkeys(RECIPES[family.name], f"recipe for {family.name}")
+    values.update(RECIPES[family.name])
+    if config is not None:
+        values, source = config.to_dict(), dict.fromkeys(SETTINGS, "config")
+    else:
+        stored = _stored(denoiser)
+        values.update(stored)
+        source.update(dict.fromkeys(stored, "stored with the model"))
+    values.update(given)
+    source.update(dict.fromkeys(given, "given"))
+    return AgentSDConfig(**values), source
 
 
 def _layer_hooks(patch: Patch, name: str, block: torch.nn.Module) -> list[tuple[str, Any, str]]:

@@ -5,7 +5,6 @@ Timings of tiny models say nothing about speed, so the tests check what holds fo
 drive the rule itself with a virtual clock: a forward pre-hook advances it by a cost chosen per
 call, and tune reads it instead of ``time.perf_counter``.
 """
-import importlib
 import json
 import logging
 import math
@@ -21,7 +20,7 @@ import torch
 import agentsd
 import tiny
 
-tune_module = importlib.import_module("agentsd.tune")  # `agentsd.tune` itself is the function
+from agentsd import tuning as tune_module
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = dict(height=64, width=64)
 
@@ -167,7 +166,7 @@ def test_a_patched_pipeline_is_patched_again_with_its_settings_and_one_line_is_l
     assert agentsd.patch_config(pipe) == settings
     assert np.array_equal(run(pipe), before)
     lines = [r for r in caplog.records if r.name.startswith("agentsd")]
-    assert [(r.name, r.levelno) for r in lines] == [("agentsd.tune", logging.INFO)]  # no line per apply_patch
+    assert [(r.name, r.levelno) for r in lines] == [("agentsd.tuning", logging.INFO)]  # no line per apply_patch
     assert "agentsd.tune: UNet2DConditionModel at 64x64 px, batch 2" in lines[0].getMessage()
     assert_choice_follows_the_table(result)
 

@@ -50,6 +50,7 @@ from typing import Any, Literal, NamedTuple
 
 import torch
 
+from .models import RECIPES
 from .config import AgentSDConfig
 
 logger = logging.getLogger(__name__)
@@ -662,18 +663,15 @@ def default_candidates(model: Any) -> list[tuple[str, AgentSDConfig | None]]:
     under the family's recipe, :data:`agentsd.models.RECIPES`); ``"pool"``, what
     ``apply_patch(model, reduction="pool")`` runs on it; and, when the model has settings stored
     with it (:func:`agentsd.store_config`), what ``apply_patch(model)`` runs, if it differs."""
-    from .models import RECIPES
-    from .patch import CONFIG_KEY, SETTINGS
+    from .patch import CONFIG_KEY, resolve_config
 
     found = _denoiser_of(model)
-    merge = AgentSDConfig(**RECIPES.get(found.family, {}))
+    # what apply_patch runs on this model without its stored settings: the family's recipe
+    merge = resolve_config(model, config=AgentSDConfig(**RECIPES.get(found.family, {})))
     pool = dataclasses.replace(merge, reduction="pool")
     candidates: list[tuple[str, AgentSDConfig | None]] = [(NO_PATCH, None), ("merge", merge), ("pool", pool)]
-    data = found.module.config.get(CONFIG_KEY)
-    if data:
-        stored = AgentSDConfig.from_dict(data, source="the settings stored with the model")
-        layered = dataclasses.replace(merge, **{name: getattr(stored, name) for name in data if name in SETTINGS})
-        _add(candidates, layered)
+    if found.module.config.get(CONFIG_KEY):
+        _add(candidates, resolve_config(model))
     return candidates
 
 
