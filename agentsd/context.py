@@ -31,7 +31,7 @@ class Step(NamedTuple):
 
     Attributes:
         owner: the patch this call runs under (a block only acts on a step of its own patch).
-        phase: the phase selected by the call's timestep.
+        agent: whether the call's timestep selects the agent phase.
         size: the latent size ``(H, W)`` of the call.
         key: 0-dim int64 on the call's device: the random key of the call, from the seed and the
             timestep.
@@ -40,10 +40,19 @@ class Step(NamedTuple):
     """
 
     owner: Any
-    phase: Phase
+    agent: bool
     size: tuple[int, int]
     key: torch.Tensor
     notes: set[str]
+
+    @property
+    def phase(self) -> Phase:
+        """The phase of the call. Read through the patch's settings, each phase from its own
+        attribute: ``torch.compile`` then sees each phase's numbers stay the same from call to
+        call, where one attribute taking both phases' numbers would make it trace them as symbols
+        (automatic dynamic shapes), with much longer compilations."""
+        config = self.owner.config
+        return config.agent_phase if self.agent else config.tome_phase
 
 
 class BlockCall(NamedTuple):

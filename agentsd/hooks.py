@@ -89,6 +89,7 @@ class Patch:
         t = timestep_value(self.timestep.get(args, kwargs))
         cfg = self.config
         phase = cfg.phase_at(t)
+        agent = phase is cfg.agent_phase
         if sample.device != self.device:  # the blocks' keys follow the model to its device
             for block in self.blocks:
                 block.salt = block.salt.to(sample.device)
@@ -98,7 +99,7 @@ class Patch:
         size = (int(sample.shape[-2]), int(sample.shape[-1]))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("call at t=%g: %s, latent %dx%d", t, phase, *size)
-        return Step(self, phase, size, key, set())
+        return Step(self, agent, size, key, set())
 
     def report(self, notes: set[str]) -> None:
         """Log each note that this patch has not logged before."""

@@ -603,15 +603,18 @@ def _quiet_patching() -> Iterator[None]:
 
 
 def _dynamo_limits(compiled: bool) -> contextlib.AbstractContextManager:
-    """Dynamo's recompile limits raised while timing a compiled model, so that every candidate's
-    graphs stay cached side by side (a hit limit would silently fall back to eager)."""
+    """While timing a compiled model: dynamo's recompile limits raised, so that every candidate's
+    graphs stay cached side by side (a hit limit would silently fall back to eager), and no
+    automatic dynamic shapes, so that each candidate gets graphs specialised to its settings, as
+    it would alone (the settings of the second candidate would otherwise be traced as symbols:
+    slower graphs, and compilations of minutes)."""
     if not compiled:
         return contextlib.nullcontext()
     config = torch._dynamo.config
     limits = {name: max(getattr(config, name), value) for name, value in
               (("recompile_limit", 1024), ("cache_size_limit", 1024), ("accumulated_recompile_limit", 8192),
                ("accumulated_cache_size_limit", 8192)) if hasattr(config, name)}
-    return config.patch(**limits)
+    return config.patch(automatic_dynamic_shapes=False, **limits)
 
 
 def _progress_bar(total: int, enabled: bool) -> Any:
