@@ -143,13 +143,22 @@ def apply_patch(
     remove_patch(denoiser)
 
     patch = Patch(config, Argument.of(denoiser, family.sample), Argument.of(denoiser, "timestep"))
+    hooked_before: dict[str, list[str]] = {}
     for index, (name, (block, factor)) in enumerate(blocks.items()):
         hook = BlockHook(patch, name, factor, salt=mix32(index + 0x9E3779B9))
         patch.blocks.append(hook)
         for module_name, layer_hook, hook_name in [(name, hook, BLOCK_HOOK), *_layer_hooks(patch, name, block)]:
-            if register(denoiser.get_submodule(module_name), layer_hook, hook_name):
+            module = denoiser.get_submodule(module_name)
+            inner = list(getattr(getattr(module, "_diffusers_hook", None), "hooks", {}))
+            if inner and hook_name == SELF_ATTENTION_HOOK:
+                hooked_before[module_name] = inner
+            if register(module, layer_hook, hook_name):
                 patch.new_registries.append(module_name)
             patch.hooked.append((module_name, hook_name))
+    if hooked_before:
+        logger.warning("the attention layers %s already have diffusers hooks (%s): AgentSD computes these attentions "
+                       "itself in the agent phase, so those hooks do not run then; apply AgentSD before them to keep "
+                       "them on", ", ".join(hooked_before), sorted({h for hooks in hooked_before.values() for h in hooks}))
     patch.handles = [
         denoiser.register_forward_pre_hook(StepBegin(patch), with_kwargs=True),
         denoiser.register_forward_hook(StepEnd(patch), always_call=True),

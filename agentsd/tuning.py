@@ -363,6 +363,7 @@ def denoiser_inputs(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Dummy keyword inputs of one denoiser call (all but the timestep), for timing.
 
@@ -389,6 +390,7 @@ def denoiser_inputs(
         latent: the latent height and width.
         device, dtype: default: the denoiser's own.
         seed: of the random values (a private generator: the global RNG is untouched).
+        text_tokens: the prompt length, instead of the family's (e.g. 300 for a bare PixArt-Σ).
 
     Raises:
         TypeError: for a denoiser whose conditioning this function cannot build.
@@ -404,7 +406,7 @@ def denoiser_inputs(
 
     inputs: dict[str, Any] = {found.sample: randn(batch, cfg.in_channels, *latent)}
     if found.family == "pixart":
-        tokens = 300 if "Sigma" in type(pipeline).__name__ else 120
+        tokens = text_tokens or (300 if "Sigma" in type(pipeline).__name__ else 120)
         inputs["encoder_hidden_states"] = randn(batch, tokens, int(cfg.caption_channels))
         if getattr(base, "use_additional_conditions", False):
             f = vae_scale_factor(model)
@@ -415,7 +417,7 @@ def denoiser_inputs(
             inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         return inputs
     if found.family == "sd3":
-        inputs["encoder_hidden_states"] = randn(batch, 77 + 256, int(cfg.joint_attention_dim))
+        inputs["encoder_hidden_states"] = randn(batch, text_tokens or 77 + 256, int(cfg.joint_attention_dim))
         inputs["pooled_projections"] = randn(batch, int(cfg.pooled_projection_dim))
         return inputs
     if found.family != "unet":
@@ -430,7 +432,7 @@ def denoiser_inputs(
     text_dim = cfg.get("encoder_hid_dim") if cfg.get("encoder_hid_dim_type") == "text_proj" else cfg.cross_attention_dim
     if isinstance(text_dim, (list, tuple)):
         text_dim = text_dim[0]
-    inputs["encoder_hidden_states"] = randn(batch, TEXT_TOKENS, int(text_dim))
+    inputs["encoder_hidden_states"] = randn(batch, text_tokens or TEXT_TOKENS, int(text_dim))
     if cfg.get("addition_embed_type") == "text_time":
         total, per_id = int(cfg.projection_class_embeddings_input_dim), int(cfg.addition_time_embed_dim)
         pooled = getattr(getattr(getattr(pipeline, "text_encoder_2", None), "config", None), "projection_dim", None)

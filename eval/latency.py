@@ -1,4 +1,8 @@
-"""Per-step UNet latency of every method, measured side by side in one process.
+"""Per-step denoiser latency of every method, measured side by side in one process.
+
+The denoiser is the SD1.5 UNet, the PixArt-Σ transformer or the SD3.5-medium one (:data:`MODELS`),
+built from its published configuration with random weights; a transformer can keep only its first
+blocks (``blocks``), where a whole step is too slow for the machine.
 
 Every method runs on the same UNet and inputs, interleaved repeat by repeat, so that drifts of a
 noisy machine hit all methods alike; results are medians over the repeats
@@ -18,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from torch._dynamo.utils import counters
+
+from agentsd.tuning import denoiser_inputs
 
 from eval import runtime
 from eval.methods import Method, build_methods, check_per_step, pndm_schedule
@@ -35,13 +41,64 @@ SD15_UNET_CONFIG: dict[str, Any] = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     norm_num_groups=32,
 )
+#: PixArt-Σ's transformer (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): 28 blocks of width 1152 (16
+#: heads of 72), patch 2, T5 captions (4096 channels, 300 tokens).
+PIXART_SIGMA_CONFIG: dict[str, Any] = dict(
+    sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
+    caption_channels=4096, cross_attention_dim=1152, in_channels=4, out_channels=8, attention_bias=True,
+    activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+    norm_elementwise_affine=False, norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False,
+)
+#: SD3.5 Medium's transformer: 24 joint blocks of width 1536 (24 heads of 64), SD3.5's image-only
+#: attention in blocks 0-12, RMS qk-norm, patch 2, 16 latent channels.
+SD35_MEDIUM_CONFIG: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+#: The denoisers of the harness: name -> (class, configuration, prompt tokens, what it is).
+MODELS: dict[str, tuple[type, dict[str, Any], int, str]] = {
+    "sd15": (UNet2DConditionModel, SD15_UNET_CONFIG, 77, "SD1.5-architecture UNet"),
+    "pixart-sigma": (PixArtTransformer2DModel, PIXART_SIGMA_CONFIG, 300, "PixArt-Σ-architecture transformer"),
+    "sd35-medium": (SD3Transformer2DModel, SD35_MEDIUM_CONFIG, 77 + 256, "SD3.5-medium-architecture transformer"),
+}
+
+
+def build_denoiser(name: str, blocks: int | None = None) -> torch.nn.Module:
+    """The denoiser ``name`` of :data:`MODELS` with random weights; a transformer with only its first
+    ``blocks`` blocks (None: all of them).
+
+    Raises:
+        ValueError: for an unknown name, or ``blocks`` given for the UNet or out of range.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+    cls, config, _, _ = MODELS[name]
+    config = dict(config)
+    if blocks is not None:
+        if cls is UNet2DConditionModel or not 1 <= blocks <= config["num_layers"]:
+            raise ValueError(f"blocks: a transformer keeps 1 to its {config.get('num_layers')} blocks; "
+                             f"{name} {'has no blocks to keep' if cls is UNet2DConditionModel else 'cannot keep ' + str(blocks)}")
+        config["num_layers"] = blocks
+        if "dual_attention_layers" in config:
+            config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < blocks)
+    return cls(**config).eval()
+
+
+def describe_model(name: str, blocks: int | None) -> str:
+    """What the harness times, in words."""
+    what = MODELS[name][3]
+    return f"{what}, random weights" + (f", its first {blocks} blocks" if blocks is not None else "")
+
+
 #: The methods timed by default (the DeepCache ones only when asked for).
 DEFAULT_METHODS = ("sd", "tomesd", "todo", "agentsd", "agentsd-pool", "bound", "agentsd-xattn", "bound-xattn",
                    "agentsd-mlp", "bound-mlp")
 PHASES = ("agent", "late")
 #: Also importable from here, where earlier versions had them.
-__all__ = ["SD15_UNET_CONFIG", "DEFAULT_METHODS", "PHASES", "SettingsMismatch", "build_methods", "run_benchmark",
-           "sample_timesteps", "saving_share", "time_step"]
+__all__ = ["SD15_UNET_CONFIG", "PIXART_SIGMA_CONFIG", "SD35_MEDIUM_CONFIG", "MODELS", "DEFAULT_METHODS", "PHASES",
+           "SettingsMismatch", "build_denoiser", "build_methods", "describe_model", "run_benchmark", "sample_timesteps",
+           "saving_share", "time_step"]
 
 
 class SettingsMismatch(ValueError):
@@ -58,24 +115,28 @@ def sample_timesteps(method: Method) -> tuple[int, ...]:
     return tuple(int(t) for t in pndm_schedule().timesteps[: method.deepcache.cache_interval])
 
 
-def time_step(unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor],
-              timesteps: tuple[int, ...] = (500,)) -> float:
-    """Mean seconds of one UNet forward at each of ``timesteps`` (inputs positional: tomesd's hook
-    reads ``args[0]``, DeepCache's ``args[1]``)."""
-    sample = inputs["sample"]
+def time_step(denoiser: torch.nn.Module, inputs: dict[str, Any], timesteps: tuple[int, ...] = (500,)) -> float:
+    """Mean seconds of one denoiser forward at each of ``timesteps`` (a UNet's inputs positional:
+    tomesd's hook reads ``args[0]``, DeepCache's ``args[1]``; a transformer's by name, with one
+    timestep per sample, as its pipelines pass them)."""
+    sample = next(iter(inputs.values()))
     sync = torch.cuda.synchronize if sample.is_cuda else (lambda: None)
     steps = [torch.tensor(t, device=sample.device) for t in timesteps]
+    rest = {k: v for k, v in inputs.items() if k not in ("sample", "encoder_hidden_states")}
     sync()
     start = time.perf_counter()
     with torch.inference_mode():
         for t in steps:
-            unet(sample, t, inputs["encoder_hidden_states"])
+            if "sample" in inputs:
+                denoiser(inputs["sample"], t, inputs["encoder_hidden_states"], **rest)
+            else:
+                denoiser(**inputs, timestep=t.expand(sample.shape[0]))
     sync()
     return (time.perf_counter() - start) / len(steps)
 
 
 def run_benchmark(
-    unet: UNet2DConditionModel,
+    unet: torch.nn.Module,
     sizes: list[int],
     methods: list[Method],
     repeats: int,
@@ -85,6 +146,7 @@ def run_benchmark(
     compile: bool = False,
     backend: str | Any = "inductor",
     fuse_qkv: bool = False,
+    text_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Time every method at every size, interleaved; finished samples are kept in ``raw_path``
     (JSON, with the settings and every method's settings) after each step, and a rerun
@@ -98,6 +160,8 @@ def run_benchmark(
     compiles, is untimed; its duration is kept as ``first_call_s``. ``backend`` is the
     ``torch.compile`` backend (tests use ``aot_eager``, which traces alike but compiles nothing).
     A method that cannot run keeps the first line of its error (``error``) instead of samples.
+    ``unet`` is any denoiser :func:`agentsd.apply_patch` takes; ``text_tokens`` the prompt length
+    of its inputs (None: its family's).
 
     Raises:
         ValueError: for a method that has no per-step row (it wraps the whole pipeline call).
@@ -122,12 +186,9 @@ def run_benchmark(
         method.apply(unet)
 
     for size in sizes:
-        g = torch.Generator().manual_seed(0)
         latent = size // 8
-        inputs = dict(
-            sample=torch.randn(batch, 4, latent, latent, generator=g).to(param),
-            encoder_hidden_states=torch.randn(batch, 77, unet.config.cross_attention_dim, generator=g).to(param),
-        )
+        inputs = denoiser_inputs(unet, batch, (latent, latent), device=param.device, dtype=param.dtype,
+                                 text_tokens=text_tokens)
         results = raw.setdefault(str(size), {})
         for method in methods:  # warm-up, untimed: compilation, first-call allocations, kernel selection
             entry = results.setdefault(method.key, {"seconds": []})
@@ -169,7 +230,7 @@ def run_benchmark(
     return raw
 
 
-def _warm_up(method: Method, entry: dict[str, Any], unet: UNet2DConditionModel, inputs: dict[str, torch.Tensor],
+def _warm_up(method: Method, entry: dict[str, Any], unet: torch.nn.Module, inputs: dict[str, Any],
              enter: Callable[[Method], None], compile: bool, fullgraph: dict[str, bool]) -> None:
     """The untimed first call(s) of ``method`` (see :func:`run_benchmark`); raises what stops it."""
     timesteps, breaks = sample_timesteps(method), sum(counters["graph_break"].values())

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 import agentsd
+from agentsd.models import denoiser_of, patched_blocks
 from eval.peers import CAToMeSettings, TGateSettings, refusal, unavailable
 from eval.schedules import pndm_schedule
-from eval.todo import ToDoSettings, apply_todo, remove_todo
+from eval.todo import SELF_ATTENTIONS, ToDoSettings, apply_todo, remove_todo
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,8 @@ PEERS: dict[str, Spec] = {s.name: s for s in (
 )}
 #: Every registered method, in table order.
 REGISTRY: dict[str, Spec] = {**SPECS, **PEERS}
+#: Methods that patch Stable Diffusion UNets only (DeepCache stacks too).
+UNET_ONLY = ("tomesd", "tgate", "ca-tome")
 DEEPCACHE = "+deepcache"
 #: Every name a harness accepts (besides ``<method>+deepcache`` for the variants).
 NAMES = (*REGISTRY, "deepcache", "tomesd+deepcache", "todo+deepcache", "agentsd+deepcache",
@@ -97,9 +100,13 @@ ALIASES = {"sdpa": "sd", "agentsd-agent": "agentsd:agent", "agentsd-tome": "agen
 
 
 class ZeroAttnProcessor:
-    """Attention that costs nothing: returns zeros (the bound of any attention speed-up)."""
+    """Attention that costs nothing: returns zeros (the bound of any attention speed-up); a joint
+    attention (SD3) returns zeros for its image and its text tokens."""
 
-    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> Any:
+        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+            return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
         return torch.zeros_like(hidden_states)
 
 
@@ -190,10 +197,16 @@ class Method:
         return out
 
     def apply(self, target: Any) -> None:
-        """Switch the method on ``target``, a pipeline (AgentSD's phases and ToDo's off step follow
-        its steps) or a bare UNet (they follow the timestep)."""
-        unet = getattr(target, "unet", target)
+        """Switch the method on ``target``, a pipeline or its denoiser (a UNet, or a PixArt or SD3
+        transformer: the methods that patch UNets only refuse those, naming why).
+
+        Raises:
+            ValueError: for a method that does not apply to the target's denoiser.
+        """
+        unet, family = denoiser_of(target)
         spec = self.spec
+        if family.name != "unet" and (spec.name in UNET_ONLY or self.deepcache is not None or self.peer is not None):
+            raise ValueError(f"{self.name} patches Stable Diffusion UNets only, not a {type(unet).__name__}")
         if spec.agentsd is not None:
             fraction = PHASES[self.phase or "schedule"]
             extra = {} if fraction is None else {"agent_fraction": fraction}
@@ -220,17 +233,18 @@ class Method:
             helper.enable()
             self._undo.append(helper.disable)
 
-    def _free(self, unet: Any) -> None:
-        for layer in agentsd.self_attention_layers(unet):
-            block = unet.get_submodule(layer.rpartition(".")[0])
+    def _free(self, denoiser: Any) -> None:
+        denoiser, family = denoiser_of(denoiser)
+        for name, (block, _) in patched_blocks(denoiser, family, None, 0).items():
             for part in self.spec.free:
-                module = getattr(block, part, None)
-                if part == "ff" and module is not None:
-                    block.ff = ZeroFeedForward()
-                    self._undo.append(lambda b=block, m=module: setattr(b, "ff", m))
-                elif module is not None:
-                    self._undo.append(lambda m=module, p=module.processor: m.set_processor(p))
-                    module.set_processor(ZeroAttnProcessor())
+                parts = SELF_ATTENTIONS if part == "attn1" else (part,)  # a transformer's attn / attn2 too
+                for module in [getattr(block, p, None) for p in parts]:
+                    if part == "ff" and module is not None:
+                        block.ff = ZeroFeedForward()
+                        self._undo.append(lambda b=block, m=module: setattr(b, "ff", m))
+                    elif module is not None and (part != "attn1" or not module.is_cross_attention):
+                        self._undo.append(lambda m=module, p=module.processor: m.set_processor(p))
+                        module.set_processor(ZeroAttnProcessor())
 
     def remove(self, target: Any = None) -> None:
         """Switch the method off again (in the reverse order of :meth:`apply`)."""

@@ -83,4 +83,8 @@ def compile_blocks(unet: torch.nn.Module, fullgraph: bool, backend: str | Any) -
             setattr(torch._dynamo.config, name, 1024)
     if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
         torch._dynamo.config.accumulated_recompile_limit = 8192
-    unet.compile_repeated_blocks(fullgraph=fullgraph, backend=backend)
+    if getattr(unet, "_repeated_blocks", None):
+        unet.compile_repeated_blocks(fullgraph=fullgraph, backend=backend)
+    else:  # what compile_repeated_blocks does, for a transformer that does not list its blocks (PixArt)
+        for block in unet.transformer_blocks:
+            block.compile(fullgraph=fullgraph, backend=backend)

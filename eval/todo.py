@@ -1,10 +1,12 @@
 """ToDo, token downsampling (Smith, Saxena and Saha, arXiv 2402.13573), as a baseline.
 
-The self-attention layers of the top level of the UNet get their keys and values from a
-downsampled token grid: the hidden states that feed ``to_k`` and ``to_v`` are laid out on the
+The self-attention layers of the top level of the UNet (of every block of a PixArt or SD3
+transformer, as AgentSD patches them) get their keys and values from a downsampled token grid: the hidden states that feed ``to_k`` and ``to_v`` are laid out on the
 latent grid and shrunk by ``factor`` per axis with ``F.interpolate`` (``mode``, nearest by
 default), so with factor 2 there are 4x fewer keys and values. The queries keep every token,
-so the output has every token and nothing is unmerged. ToDo is on for the first ``off_after``
+so the output has every token and nothing is unmerged. In SD3's joint attention the text tokens
+are kept, as queries and as keys and values, beside the downsampled image keys and values. ToDo
+is on for the first ``off_after``
 of the noise levels, ``t >= (1 - off_after) * 1000``, and off for the rest, when details are drawn
 (the rule AgentSD's phase follows).
 
@@ -13,8 +15,8 @@ Defaults: factor 2, nearest, the top level only, as in the authors' code
 recommended by the token-downsampling port for stable-diffusion-webui that follows it (the
 authors' own code keeps it on to the last step, ``off_after=1``).
 
-A UNet forward pre-hook records the latent size and whether ToDo is on for this call, from the
-call's timestep (:func:`agentsd.timestep_value`). :func:`remove_todo` puts back the processor
+A forward pre-hook on the denoiser records the latent size and whether ToDo is on for this
+call, from the call's timestep (:func:`agentsd.timestep_value`). :func:`remove_todo` puts back the processor
 objects it replaced, so the model is the original again, bit for bit.
 """
 from __future__ import annotations
@@ -28,6 +30,8 @@ import torch.nn.functional as F
 
 import agentsd
 from agentsd.config import NUM_TRAIN_TIMESTEPS
+from agentsd.hooks import Argument
+from agentsd.models import denoiser_of, patched_blocks
 
 #: ``F.interpolate`` modes that shrink a grid.
 MODES = ("nearest", "nearest-exact", "area", "bilinear", "bicubic")
@@ -61,19 +65,19 @@ class ToDoSettings:
 
 
 class ToDoState:
-    """What the hook tells the processors of one patched UNet: the latent size and whether ToDo
-    is on for the UNet call in progress."""
+    """What the hook tells the processors of one patched denoiser: the latent size and whether
+    ToDo is on for the call in progress."""
 
-    def __init__(self, settings: ToDoSettings) -> None:
+    def __init__(self, settings: ToDoSettings, sample: Argument, timestep: Argument) -> None:
         self.settings = settings
+        self.sample, self.timestep = sample, timestep
         self.latent_size: tuple[int, int] | None = None
         self.on = False
 
     @torch.compiler.disable
-    def __call__(self, unet: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        """The UNet forward pre-hook."""
-        sample = args[0] if args else kwargs["sample"]
-        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+    def __call__(self, denoiser: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """The denoiser's forward pre-hook."""
+        sample, timestep = self.sample.get(args, kwargs), self.timestep.get(args, kwargs)
         self.latent_size = (int(sample.shape[-2]), int(sample.shape[-1]))
         off_after = self.settings.off_after
         t = agentsd.timestep_value(timestep)
@@ -96,10 +100,11 @@ class ToDoAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
+                 *args: Any, **kwargs: Any) -> Any:
         grid = self.grid(hidden_states.shape[1]) if hidden_states.ndim == 3 else None
-        plain = (not self.state.on or grid is None or encoder_hidden_states is not None or attention_mask is not None
-                 or attn.spatial_norm is not None or attn.group_norm is not None)
+        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        plain = (not self.state.on or grid is None or (encoder_hidden_states is not None and not joint)
+                 or attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None)
         if plain:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         s = self.state.settings
@@ -119,50 +124,77 @@ class ToDoAttnProcessor:
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-        out = attn.to_out[1](attn.to_out[0](out.transpose(1, 2).flatten(2).to(query.dtype)))
+        n = query.shape[2]
+        if joint:  # SD3: every text token, as a query and as a key and value
+            text = [proj(encoder_hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
+                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
+            if attn.norm_added_q is not None:
+                text[0] = attn.norm_added_q(text[0])
+            if attn.norm_added_k is not None:
+                text[1] = attn.norm_added_k(text[1])
+            query, key, value = (torch.cat([a, t], dim=2) for a, t in zip((query, key, value), text))
+        out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale).transpose(1, 2).flatten(2)
+        image = attn.to_out[1](attn.to_out[0](out[:, :n].to(query.dtype)))
+        if joint:
+            text_out = out[:, n:].to(query.dtype)
+            return image, text_out if attn.context_pre_only else attn.to_add_out(text_out)
         if attn.residual_connection:
-            out = out + hidden_states
-        return out / attn.rescale_output_factor
+            image = image + hidden_states
+        return image / attn.rescale_output_factor
+
+
+#: the self-attention modules of a block that ToDo (and AgentSD) patch
+SELF_ATTENTIONS = ("attn1", "attn", "attn2")
+
+
+def self_attention_modules(denoiser: torch.nn.Module, max_downsample: int | None = None) -> dict[str, tuple[Any, int]]:
+    """``{name: (attention module, downsample)}``: the self-attention layers AgentSD patches (the
+    UNet's level at ``max_downsample``, every block of a transformer)."""
+    denoiser, family = denoiser_of(denoiser)
+    layers = {}
+    for name, (block, downsample) in patched_blocks(denoiser, family, max_downsample, 0).items():
+        for part in SELF_ATTENTIONS:
+            attn = getattr(block, part, None)
+            if attn is not None and not (part == "attn2" and family.name != "sd3"):  # attn2: SD3.5's own
+                layers[f"{name}.{part}"] = (attn, downsample)
+    return layers
 
 
 class ToDoPatch:
-    """A ToDo patch on one UNet: its hook, and the processors it replaced (for removal)."""
+    """A ToDo patch on one denoiser: its hook, and the processors it replaced (for removal)."""
 
-    def __init__(self, unet: torch.nn.Module, state: ToDoState) -> None:
-        self.state = state
+    def __init__(self, denoiser: torch.nn.Module, settings: ToDoSettings) -> None:
+        _, family = denoiser_of(denoiser)
+        self.state = state = ToDoState(settings, Argument.of(denoiser, family.sample), Argument.of(denoiser, "timestep"))
+        md = settings.max_downsample if family.name == "unet" else None
         self.originals: dict[str, Any] = {}
-        for name, (attn1, downsample) in agentsd.self_attention_layers(unet, state.settings.max_downsample).items():
-            self.originals[name] = attn1.processor
-            attn1.set_processor(ToDoAttnProcessor(state, attn1.processor, downsample))
-        self.hook = unet.register_forward_pre_hook(state, with_kwargs=True)
+        for name, (attn, downsample) in self_attention_modules(denoiser, md).items():
+            self.originals[name] = attn.processor
+            attn.set_processor(ToDoAttnProcessor(state, attn.processor, downsample))
+        self.hook = denoiser.register_forward_pre_hook(state, with_kwargs=True)
 
-    def remove(self, unet: torch.nn.Module) -> None:
+    def remove(self, denoiser: torch.nn.Module) -> None:
         self.hook.remove()
         for name, processor in self.originals.items():
-            unet.get_submodule(name).set_processor(processor)
-
-
-def _unet(model: Any) -> torch.nn.Module:
-    unet = getattr(model, "unet", model)
-    return getattr(unet, "_orig_mod", unet)
+            denoiser.get_submodule(name).set_processor(processor)
 
 
 def apply_todo(model: Any, settings: ToDoSettings | None = None, **changes: Any) -> Any:
-    """ToDo on a diffusers pipeline or a bare UNet. ``changes`` are fields of
-    :class:`ToDoSettings`; a patch already there is replaced. Returns ``model``."""
+    """ToDo on a diffusers pipeline or its denoiser (a UNet, a PixArt or SD3 transformer).
+    ``changes`` are fields of :class:`ToDoSettings`; a patch already there is replaced. Returns
+    ``model``."""
     settings = ToDoSettings(**{**(settings or ToDoSettings()).to_dict(), **changes})
-    unet = _unet(model)
+    denoiser, _ = denoiser_of(model)
     remove_todo(model)
-    unet._todo_patch = ToDoPatch(unet, ToDoState(settings))
+    denoiser._todo_patch = ToDoPatch(denoiser, settings)
     return model
 
 
 def remove_todo(model: Any) -> Any:
     """Take ToDo off ``model`` (nothing happens if it has none): the hook goes, the replaced
     processor objects come back."""
-    unet = _unet(model)
-    patch = unet.__dict__.pop("_todo_patch", None)
+    denoiser, _ = denoiser_of(model)
+    patch = denoiser.__dict__.pop("_todo_patch", None)
     if patch is not None:
-        patch.remove(unet)
+        patch.remove(denoiser)
     return model

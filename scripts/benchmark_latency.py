@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Time single UNet steps of the SD1.5 architecture (random weights) for every method side by
-side, interleaved repeat by repeat: SD, tomesd, ToDo, AgentSD (its agent or late phase, merged or
+"""Time single denoiser steps (random weights) for every method side by side, interleaved repeat by
+repeat, on the SD1.5 UNet or, with --model, the PixArt-Σ or SD3.5-medium transformer (--blocks: only
+its first blocks, where a whole step is too slow):  SD, tomesd, ToDo, AgentSD (its agent or late phase, merged or
 pooled, with merge_crossattn / merge_mlp), CA-ToMe, DeepCache stacks, and the bounds (parts of the
 patched blocks returning zeros). T-GATE wraps the whole pipeline call, so it has no row here (see
 benchmark_fid.py). Every method, option and output: docs/benchmarks.md.
@@ -17,6 +18,8 @@ Examples:
   python scripts/benchmark_latency.py --sizes 512
   python scripts/benchmark_latency.py --sizes 512 --methods sd agentsd agentsd:late bound --ratios 0.2 0.4
   python scripts/benchmark_latency.py --sizes 1024 --fuse-qkv --out runs/latency-fused
+  python scripts/benchmark_latency.py --model pixart-sigma --blocks 2 --sizes 1024 \\
+      --methods sd agentsd agentsd-pool@0.75 todo bound --out runs/latency-pixart
 """
 from __future__ import annotations
 
@@ -32,6 +35,10 @@ from eval.latency import DEFAULT_METHODS, PHASES  # noqa: E402
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.Parser(__doc__)
+    p.add_argument("--model", default="sd15", choices=("sd15", "pixart-sigma", "sd35-medium"),
+                   help="the denoiser's architecture (default: sd15, the SD1.5 UNet)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="a transformer's first blocks only (default: all of them)")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 768], help="image sizes in px (default: 512 768)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.4], help="merge ratios (default: 0.4)")
     cli.add_method_arguments(p, list(DEFAULT_METHODS), list(PHASES), off_after=False)
@@ -55,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--ratios must be in [0, 1), got {args.ratios}")
     if args.repeats < 1 or args.batch < 1:
         p.error("--repeats and --batch must be >= 1")
+    if args.blocks is not None and (args.model == "sd15" or args.blocks < 1):
+        p.error("--blocks takes a transformer's (--model pixart-sigma or sd35-medium) number of blocks, >= 1")
     cli.check_device(p, args.device)
     args.options = cli.method_options(p, args)
     return args
@@ -63,10 +72,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     import torch
-    from diffusers import UNet2DConditionModel
 
     from eval import plots, report
-    from eval.latency import SD15_UNET_CONFIG, SettingsMismatch, run_benchmark
+    from eval.latency import MODELS, SettingsMismatch, build_denoiser, describe_model, run_benchmark
     from eval.methods import build_methods, check_per_step, per_step
     from eval.runtime import DTYPES, dtype_name, machine_name
 
@@ -83,17 +91,17 @@ def main(argv: list[str] | None = None) -> None:
         raw_path.unlink()
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval()
+    unet = build_denoiser(args.model, args.blocks)
     if (device.type, dtype) != ("cpu", torch.float32):
         unet.to(device=device, dtype=dtype)
-    info = dict(model="SD1.5-architecture UNet, random weights", machine=machine_name(device), dtype=str(dtype),
+    info = dict(model=describe_model(args.model, args.blocks), machine=machine_name(device), dtype=str(dtype),
                 torch=torch.__version__, batch=args.batch, repeats=args.repeats, compile=args.compile,
                 fuse_qkv=args.fuse_qkv, methods={m.key: m.settings() for m in methods})
-    print(f"SD1.5 UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {info['machine']}, "
+    print(f"{info['model']} ({sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params), {info['machine']}, "
           f"{str(dtype).removeprefix('torch.')}, batch {args.batch}")
     try:
         raw = run_benchmark(unet, args.sizes, methods, args.repeats, args.batch, raw_path, compile=args.compile,
-                            fuse_qkv=args.fuse_qkv)
+                            fuse_qkv=args.fuse_qkv, text_tokens=MODELS[args.model][2])
     except SettingsMismatch as e:
         sys.exit(f"benchmark_latency.py: error: {e}")
     rows = report.latency_rows(raw, methods, args.sizes)

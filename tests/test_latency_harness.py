@@ -157,3 +157,17 @@ def test_latency_files_of_earlier_versions_read_with_todays_names():
     assert "| 512 | agentsd | late | 0.4 |" in table and "| 512 | sd | – | – |" in table
     cached = {r["method"]: r for r in read_rows(DOCS / "cpu_latency/deepcache/latency.json")}
     assert cached["agentsd+deepcache"]["baseline"] == "deepcache" and cached["sd"]["bound"] == "bound"
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_transformers_run_their_methods_and_refuse_the_unet_only_ones(tmp_path, family):
+    denoiser = tiny.pixart_transformer() if family == "pixart" else tiny.sd3_transformer()
+    methods = build_methods(["sd", "tomesd", "todo", "agentsd", "agentsd-pool@0.75", "bound", "deepcache"], [0.4],
+                            per_step(Options(phase="agent")))
+    raw = run_benchmark(denoiser, [64], methods, repeats=1, batch=2, raw_path=tmp_path / "raw.json", **QUIET)
+    rows = {r["key"]: r for r in latency_rows(raw, methods, [64])}
+    for key in ("sd", "todo", "agentsd@0.4:agent", "agentsd-pool@0.75:agent", "bound"):
+        assert rows[key]["median_s"] > 0, key
+    for key in ("tomesd@0.4", "deepcache"):
+        assert "patches Stable Diffusion UNets only" in raw["64"][key]["error"]
+    assert not agentsd.is_patched(denoiser) and not hasattr(denoiser, "_todo_patch")

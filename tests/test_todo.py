@@ -106,3 +106,31 @@ def test_settings_are_checked():
         with pytest.raises(ValueError, match="ToDo"):
             ToDoSettings(**bad)
     assert ToDoSettings().to_dict() == {"factor": 2.0, "mode": "nearest", "off_after": 0.8, "max_downsample": None}
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_todo_on_transformers_equals_agentsds_pooled_late_phase(family):
+    """ToDo's nearest downsampling by 2 keeps the top-left token of every 2x2 cell: on a transformer
+    (SD3's joint attention keeping every text token) it is AgentSD's pooled late phase with
+    ``pool_mode="nearest"`` and ``tome_ratio=0.75``, held to its own plain reference in test_dit.py."""
+    build = tiny.pixart_transformer if family == "pixart" else tiny.sd3_transformer
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(2, 4, 16, 16, generator=g, dtype=torch.float64)
+    text = torch.randn(2, 8, 32, generator=g, dtype=torch.float64)
+    extra = ({"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}} if family == "pixart"
+             else {"pooled_projections": torch.randn(2, 64, generator=g, dtype=torch.float64)})
+
+    def out(model):
+        with torch.no_grad():
+            return model(sample, encoder_hidden_states=text, timestep=torch.full((2,), 500.0, dtype=torch.float64),
+                         **extra).sample
+
+    model = build().double()
+    plain = out(model)
+    apply_todo(model, ToDoSettings(off_after=1.0))
+    todo = out(model)
+    remove_todo(model)
+    assert torch.equal(out(model), plain)
+    agentsd.apply_patch(model, reduction="pool", agent_fraction=0.0, tome_ratio=0.75, pool_mode="nearest")
+    torch.testing.assert_close(todo, out(model), rtol=0, atol=1e-10)
+    assert (todo - plain).abs().max() > 1e-3
