@@ -36,6 +36,7 @@ from eval import runtime
 from eval.methods import Method
 from eval.peers import failure
 from eval.protocols import Protocol
+from eval.reference import MODELS, generation_kwargs
 from eval.store import ImageStore, State, Timings, process_timings, timings_path
 
 #: How a method runs under compilation, in the order they are tried.
@@ -43,30 +44,39 @@ COMPILE_MODES = ("fullgraph", "graph breaks", "eager")
 
 
 def load_pipeline(model: str, device: torch.device | str, dtype: torch.dtype) -> Any:
-    """The Stable Diffusion 1.x/2.x pipeline at ``model`` on ``device``.
+    """The text-to-image pipeline at ``model`` (a reference model's name, a folder or a hub id) on
+    ``device``: a Stable Diffusion 1.x/2.x pipeline, or a PixArt one.
 
     Raises:
-        ValueError: one line, if it does not load or has no ``UNet2DConditionModel``.
+        ValueError: one line, if it does not load or its denoiser is not one the harness runs.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DiffusionPipeline, PixArtTransformer2DModel, UNet2DConditionModel
 
+    folder = MODELS.get(model, model)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=dtype, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     except Exception as e:  # noqa: BLE001 - the loader raises many kinds; the user needs one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot load --model {model!r} as a Stable Diffusion 1.x/2.x pipeline: {first}") from None
-    if not isinstance(pipe.unet, UNet2DConditionModel):
-        raise ValueError(f"--model {model!r} has no UNet2DConditionModel; "
-                         "supported: Stable Diffusion 1.x/2.x pipelines")
+        raise ValueError(f"cannot load --model {model!r}: {first}") from None
+    if hasattr(pipe, "safety_checker"):
+        pipe.safety_checker = None
+    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel) and \
+            not isinstance(getattr(pipe, "transformer", None), PixArtTransformer2DModel):
+        raise ValueError(f"--model {model!r} is a {type(pipe).__name__}; the harness runs Stable Diffusion 1.x/2.x "
+                         "and PixArt text-to-image pipelines")
     return pipe.to(device)
+
+
+def denoiser(pipe: Any) -> torch.nn.Module:
+    """The pipeline's denoiser (its UNet or transformer)."""
+    return getattr(pipe, "unet", None) or pipe.transformer
 
 
 def generate(pipe: Any, protocol: Protocol, start: int, stop: int, steps: int | None = None,
              call: Callable[..., Any] | None = None) -> np.ndarray:
     """Images ``start:stop`` of ``protocol`` as uint8 ``(n, H, W, 3)``, by ``call`` (default:
     ``pipe``; a method's wrapper of the whole call, :meth:`Method.call`)."""
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     generators = [torch.Generator(device).manual_seed(s) for s in protocol.seeds[start:stop]]
     # tomesd forks its dst generator from the global RNG on its first call after apply_patch:
     # seeding it here makes the batch's images depend on the batch only, not on what ran before
@@ -74,13 +84,13 @@ def generate(pipe: Any, protocol: Protocol, start: int, stop: int, steps: int | 
     out = (call or pipe)(
         prompt=list(protocol.prompts[start:stop]), height=protocol.height, width=protocol.width,
         num_inference_steps=steps or protocol.num_inference_steps, guidance_scale=protocol.guidance_scale,
-        generator=generators, output_type="np",
+        generator=generators, output_type="np", **generation_kwargs(pipe),
     )
     return (np.clip(out.images, 0.0, 1.0) * 255).round().astype(np.uint8)
 
 
 def _synchronize(pipe: Any) -> None:
-    if pipe.unet.device.type == "cuda":
+    if denoiser(pipe).device.type == "cuda":
         torch.cuda.synchronize()
 
 
@@ -96,7 +106,7 @@ class Runner:
     def running(self, m: Method) -> Iterator[None]:
         mode = self.modes.get(m.key, COMPILE_MODES[0])
         if self.backend is not None and mode != "eager":
-            runtime.compile_blocks(self.pipe.unet, fullgraph=mode == "fullgraph", backend=self.backend)
+            runtime.compile_blocks(denoiser(self.pipe), fullgraph=mode == "fullgraph", backend=self.backend)
         m.apply(self.pipe)
         try:  # a method that does not compile runs the compiled blocks eagerly
             with torch.compiler.set_stance("force_eager") if mode == "eager" else contextlib.nullcontext():
@@ -170,7 +180,7 @@ def generate_all(load: Callable[[], Any], methods: list[Method], protocol: Proto
     if not todo:
         return state
     pipe = load()  # every process loads and checks, even one whose shard is done, so that all stop alike
-    generated_with = dict(machine=runtime.machine_name(pipe.unet.device), torch=torch.__version__,
+    generated_with = dict(machine=runtime.machine_name(denoiser(pipe).device), torch=torch.__version__,
                           scheduler=type(pipe.scheduler).__name__, num_processes=size)
     seen = _gather(process, generated_with)
     recorded = state.data.get("generated_with", seen[0])
@@ -220,7 +230,7 @@ def _generate_shard(pipe: Any, methods: list[Method], protocol: Protocol, todo: 
             if compile_backend is not None:  # every batch size once, so that no timed batch compiles
                 entry["compile"] = runner.compile(
                     m, list({stop - start: (start, stop) for start, stop in own}.values()), warm_steps)
-            with runner.running(m), runtime.PeakMemory(pipe.unet.device) as mem:  # a size it was compiled for
+            with runner.running(m), runtime.PeakMemory(denoiser(pipe).device) as mem:  # a size it was compiled for
                 generate(pipe, protocol, *own[0], steps=warm_steps, call=m.call(pipe))
         except Exception as err:  # noqa: BLE001 - a method that does not run here is a row with its reason
             entry["error"] = failure(err)

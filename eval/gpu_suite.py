@@ -5,10 +5,11 @@ The run is a list of *jobs*, ordered by what their figures are worth, each one t
 - ``sync``: does any UNet call of a patched model (its hook included) make the host wait for the
   device? ``torch.cuda.set_sync_debug_mode("error")`` around a call at a timestep taken from a
   device-side schedule, as diffusers' loops pass it.
-- ``step``: one UNet step, SD1.5 or SDXL architecture (random weights), at a size and UNet batch,
-  ``eager``, ``regional`` (``compile_repeated_blocks(fullgraph=True)``) or ``cudagraphs`` (the whole
-  UNet under ``torch.compile(mode="reduce-overhead")``). Methods are interleaved sample by sample;
-  a sample is the mean of ``inner`` calls; the row is the median of ``repeats`` samples.
+- ``step``: one denoiser step, SD1.5 or SDXL UNet or PixArt-Σ or SD3.5-medium transformer
+  architecture (random weights; the transformers in bf16), at a size and batch, ``eager``,
+  ``regional`` (``compile_repeated_blocks(fullgraph=True)``) or ``cudagraphs`` (the whole denoiser
+  under ``torch.compile(mode="reduce-overhead")``). Methods are interleaved sample by sample; a
+  sample is the mean of ``inner`` calls; the row is the median of ``repeats`` samples.
 - ``generation``: whole generations (text encoder, 25 denoising steps with guidance, VAE) of a
   random-weight SD1.5 pipeline, eager or with the UNet under CUDA graphs, interleaved, medians.
 
@@ -34,12 +35,17 @@ from typing import Any
 import torch
 
 from agentsd.config import DEFAULT_RATIO
+from agentsd.tuning import denoiser_inputs
 from eval import REFERENCE_MODEL, runtime
-from eval.latency import SD15_UNET_CONFIG
+from eval.latency import MODELS, PIXART_SIGMA_CONFIG, SD15_UNET_CONFIG, SD35_MEDIUM_CONFIG
 from eval.methods import Method, Options, build_methods, per_step
 from eval.report import add_shares, fmt
 
 STEP_METHODS = ("sd", "tomesd", "todo", "agentsd", "agentsd-pool", "bound")
+#: a transformer's rows (tomesd patches UNets only)
+DIT_METHODS = ("sd", "todo", "agentsd", "agentsd-pool", "bound")
+#: the transformers of the step jobs
+TRANSFORMERS = ("pixart-sigma", "sd35-medium")
 GENERATION_METHODS = ("sd", "tomesd", "todo", "agentsd", "agentsd-pool", "deepcache", "agentsd+deepcache",
                       "agentsd-pool+deepcache", "bound", "bound+deepcache")
 SYNC_METHODS = ("sd", "agentsd", "agentsd-pool", "agentsd:late", "agentsd-pool:late")
@@ -60,6 +66,11 @@ TINY = {
     "sdxl": dict(SDXL_UNET_CONFIG, **_TINY, block_out_channels=(16, 32, 32), attention_head_dim=(2, 4, 4),
                  transformer_layers_per_block=(1, 1, 2), addition_time_embed_dim=8,
                  projection_class_embeddings_input_dim=8 * 6 + 32),
+    "pixart-sigma": dict(PIXART_SIGMA_CONFIG, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                         caption_channels=32, cross_attention_dim=16, sample_size=8),
+    "sd35-medium": dict(SD35_MEDIUM_CONFIG, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+                        joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+                        dual_attention_layers=(0,), pos_embed_max_size=32, sample_size=8),
 }
 
 
@@ -73,12 +84,18 @@ class Job:
     batch: int = 2
     mode: str = "eager"
     methods: tuple[str, ...] = STEP_METHODS
+    #: the job's dtype, instead of the run's (the transformers run in bf16)
+    dtype: str | None = None
 
     @property
     def name(self) -> str:
         if self.kind == "sync":
             return "sync"
         return f"{self.kind}_{self.arch}_{self.size}px_b{self.batch}_{self.mode}"
+
+
+def _dit(arch: str, size: int, batch: int = 2, mode: str = "eager") -> Job:
+    return Job("step", arch=arch, size=size, batch=batch, mode=mode, methods=DIT_METHODS, dtype="bf16")
 
 
 def plan(smoke: bool = False) -> list[Job]:
@@ -90,17 +107,21 @@ def plan(smoke: bool = False) -> list[Job]:
                 Job("step", size=64, mode="regional", methods=few),
                 Job("generation", size=64, batch=1, methods=GENERATION_METHODS),
                 Job("generation", size=64, batch=1, mode="cudagraphs", methods=few),
-                Job("step", arch="sdxl", size=64, methods=few)]
+                Job("step", arch="sdxl", size=64, methods=few),
+                *(replace(_dit(arch, 64), dtype=None) for arch in TRANSFORMERS)]
     gen = dict(batch=1, methods=GENERATION_METHODS)
     return [
         Job("sync", methods=SYNC_METHODS),
         *(Job("step", size=s, batch=b) for s in (512, 1024) for b in (2, 8)),
         Job("step", size=512, mode="cudagraphs"), Job("step", size=1024, mode="cudagraphs"),
+        _dit("pixart-sigma", 1024), _dit("pixart-sigma", 2048), _dit("sd35-medium", 1024),
         Job("generation", size=512, **gen), Job("generation", size=512, mode="cudagraphs", **gen),
         Job("generation", size=1024, **gen), Job("generation", size=1024, mode="cudagraphs", **gen),
         Job("step", arch="sdxl", size=1024), Job("step", arch="sdxl", size=1024, mode="cudagraphs"),
         Job("step", size=512, mode="regional"), Job("step", size=1024, mode="regional"),
         Job("step", size=512, batch=8, mode="cudagraphs"), Job("step", size=1024, batch=8, mode="cudagraphs"),
+        _dit("pixart-sigma", 1024, mode="cudagraphs"), _dit("pixart-sigma", 2048, mode="cudagraphs"),
+        _dit("sd35-medium", 1024, mode="cudagraphs"),
     ]
 
 
@@ -135,14 +156,18 @@ def machine(settings: Settings) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- models and inputs
 
 
-def build_unet(arch: str, settings: Settings) -> Any:
+def build_unet(arch: str, settings: Settings, dtype: str | None = None) -> Any:
+    """The denoiser ``arch`` (``sd15``, ``sdxl``, or a transformer of :data:`TRANSFORMERS`) with
+    random weights, in ``dtype`` (default: the run's)."""
     from diffusers import UNet2DConditionModel
 
-    config = TINY[arch] if settings.smoke else {"sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG}[arch]
+    cls = MODELS[arch][0] if arch in TRANSFORMERS else UNet2DConditionModel
+    full = {"sd15": SD15_UNET_CONFIG, "sdxl": SDXL_UNET_CONFIG, **{a: MODELS[a][1] for a in TRANSFORMERS}}
+    config = TINY[arch] if settings.smoke else full[arch]
     torch.manual_seed(0)
     with torch.device(settings.device):
-        unet = UNet2DConditionModel(**config)
-    return unet.to(runtime.DTYPES[settings.dtype]).eval()
+        unet = cls(**config)
+    return unet.to(runtime.DTYPES[dtype or settings.dtype]).eval()
 
 
 def unet_inputs(unet: Any, job: Job, settings: Settings) -> tuple[tuple, dict[str, Any]]:
@@ -264,10 +289,19 @@ def _measure(methods: list[Method], enter: Callable[[Method], None], leave: Call
 
 
 def run_step_job(job: Job, settings: Settings) -> list[dict[str, Any]]:
-    unet = build_unet(job.arch, settings)
-    (sample, text), kwargs = unet_inputs(unet, job, settings)
+    unet = build_unet(job.arch, settings, job.dtype)
     timesteps = schedule(settings)
     model = _compiled(unet, job.mode, settings)
+    if job.arch in TRANSFORMERS:  # keyword inputs, one timestep per sample, as their pipelines pass them
+        inputs = denoiser_inputs(unet, job.batch, (job.size // 8,) * 2, text_tokens=MODELS[job.arch][2])
+
+        def call() -> Any:
+            return model(**inputs, timestep=timesteps[10].expand(job.batch))
+    else:
+        (sample, text), kwargs = unet_inputs(unet, job, settings)
+
+        def call() -> Any:
+            return model(sample, timesteps[10], text, **kwargs)
     methods = _with_pool_default(build_methods(job.methods, [0.4], per_step(Options(phase="agent"))))
 
     def enter(m: Method) -> None:
@@ -276,8 +310,7 @@ def run_step_job(job: Job, settings: Settings) -> list[dict[str, Any]]:
         m.apply(unet)
 
     with torch.inference_mode():
-        return _measure(methods, enter, lambda m: m.remove(unet),
-                        lambda: model(sample, timesteps[10], text, **kwargs), settings, settings.inner)
+        return _measure(methods, enter, lambda m: m.remove(unet), call, settings, settings.inner)
 
 
 def _with_pool_default(methods: list[Method]) -> list[Method]:
@@ -368,14 +401,15 @@ def job_table(job: Job, rows: list[dict[str, Any]]) -> str:
 def describe(job: Job, settings: Settings) -> str:
     if job.kind == "sync":
         return "Host synchronisations of one UNet call (hook included), SD1.5 UNet, torch.cuda.set_sync_debug_mode."
-    what = {"step": f"one UNet step, {job.arch.upper()} architecture, UNet batch {job.batch}",
+    what = {"step": f"one denoiser step, {MODELS[job.arch][3] if job.arch in MODELS else job.arch.upper() + ' UNet'}, "
+                    f"batch {job.batch}",
             "generation": f"whole generations, {settings.steps} steps, guidance 7.5 (UNet batch 2), VAE included"}
     mode = {"eager": "eager", "regional": "compile_repeated_blocks(fullgraph=True)",
             "cudagraphs": "torch.compile(unet, mode='reduce-overhead')" if settings.backend == "inductor"
             else f"torch.compile(unet, backend={settings.backend!r})"}
     timing = (f"median of {settings.repeats} interleaved samples of {settings.inner} calls" if job.kind == "step"
               else f"median of {settings.repeats} interleaved generations")
-    return (f"{job.size} px, {what[job.kind]}, {mode[job.mode]}, {settings.dtype}; {timing}. AgentSD rows run the "
+    return (f"{job.size} px, {what[job.kind]}, {mode[job.mode]}, {job.dtype or settings.dtype}; {timing}. AgentSD rows run the "
             "agent phase on every step (whole generations: the default two phases); agentsd at ratio 0.4, agentsd-pool "
             "at its default 0.75 (keys/values pooled 2x2); todo on every step (whole generations: off after 80 %).")
 

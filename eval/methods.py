@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 import agentsd
-from agentsd.models import denoiser_of, patched_blocks
-from eval.peers import CAToMeSettings, TGateSettings, refusal, unavailable
+from agentsd.models import RECIPES, denoiser_of, patched_blocks
+from eval.peers import CAToMeSettings, PABSettings, TGateSettings, refusal, unavailable
 from eval.schedules import pndm_schedule
 from eval.todo import SELF_ATTENTIONS, ToDoSettings, apply_todo, remove_todo
 
@@ -84,6 +84,9 @@ PEERS: dict[str, Spec] = {s.name: s for s in (
     Spec("tgate", "T-GATE: cross-attention cached after a gate step, guidance's text half dropped (pipe.tgate)",
          bound=""),
     Spec("ca-tome", "CA-ToMe: tomesd's merge by similarity threshold, the match cached between checkpoints"),
+    Spec("pab", "diffusers' Pyramid Attention Broadcast: self-attention reused every other step", bound=""),
+    Spec("agentsd+pab", "AgentSD with PAB on top", True, bound="", agentsd={}),
+    Spec("agentsd-pool+pab", "AgentSD (pooled) with PAB on top", True, bound="", agentsd={"reduction": "pool"}),
 )}
 #: Every registered method, in table order.
 REGISTRY: dict[str, Spec] = {**SPECS, **PEERS}
@@ -127,7 +130,7 @@ class Method:
     phase: str | None = None
     deepcache: DeepCacheSettings | None = None
     todo: ToDoSettings | None = None
-    peer: TGateSettings | CAToMeSettings | None = None
+    peer: TGateSettings | CAToMeSettings | PABSettings | None = None
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     @property
@@ -192,6 +195,8 @@ class Method:
             out = {"free": list(spec.free)}
         elif self.peer is not None:
             out = self.peer.to_dict(self.deepcache is not None)
+        if self.peer is not None and spec.agentsd is not None:  # a peer on top of AgentSD
+            out.update(self.peer.to_dict(False))
         if self.deepcache is not None:
             out["deepcache"] = asdict(self.deepcache)
         return out
@@ -205,12 +210,14 @@ class Method:
         """
         unet, family = denoiser_of(target)
         spec = self.spec
-        if family.name != "unet" and (spec.name in UNET_ONLY or self.deepcache is not None or self.peer is not None):
+        if family.name != "unet" and (spec.name in UNET_ONLY or self.deepcache is not None):
             raise ValueError(f"{self.name} patches Stable Diffusion UNets only, not a {type(unet).__name__}")
         if spec.agentsd is not None:
             fraction = PHASES[self.phase or "schedule"]
             extra = {} if fraction is None else {"agent_fraction": fraction}
-            agentsd.apply_patch(target, config=agentsd.AgentSDConfig(), ratio=self.ratio, **spec.agentsd, **extra)
+            # the family's recipe, never settings stored with the model
+            recipe = agentsd.AgentSDConfig(**RECIPES[family.name])
+            agentsd.apply_patch(target, config=recipe, ratio=self.ratio, **spec.agentsd, **extra)
             self._undo.append(lambda: agentsd.remove_patch(target))
         elif spec.name == "tomesd":
             import tomesd
@@ -222,7 +229,7 @@ class Method:
             self._undo.append(lambda: remove_todo(target))
         elif spec.free:
             self._free(unet)
-        elif self.peer is not None:
+        if self.peer is not None:  # a peer alone, or on top of AgentSD (agentsd+pab)
             self._undo.append(self.peer.apply(target, self.deepcache))
         if self.deepcache is not None and not (self.peer is not None and self.peer.own_deepcache):
             from DeepCache import DeepCacheSDHelper
@@ -262,6 +269,7 @@ class Options:
     todo: ToDoSettings = ToDoSettings()
     tgate: TGateSettings = TGateSettings()
     catome: CAToMeSettings = CAToMeSettings()
+    pab: PABSettings = PABSettings()
 
 
 def parse_name(name: str, notify: Callable[[str], None] | None = None) -> tuple[Spec, bool, str | None]:
@@ -311,9 +319,10 @@ def build_methods(names: Iterable[str], ratios: Iterable[float], options: Option
         if spec.has_ratio and not ratios and own is None:
             raise ValueError(f"{spec.name} needs at least one ratio")
         for ratio in ([own] if own is not None else ratios) if spec.has_ratio else [None]:
+            peer = options.pab if spec.name.endswith("pab") else {"tgate": options.tgate,
+                                                                   "ca-tome": options.catome}.get(spec.name)
             m = Method(spec, ratio, (phase or options.phase) if spec.agentsd is not None else None,
-                       options.deepcache if cached else None, options.todo if spec.name == "todo" else None,
-                       {"tgate": options.tgate, "ca-tome": options.catome}.get(spec.name))
+                       options.deepcache if cached else None, options.todo if spec.name == "todo" else None, peer)
             methods.setdefault(m.key, m)
     if not methods:
         raise ValueError("no method to compare")

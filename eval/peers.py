@@ -1,4 +1,5 @@
-"""Two training-free peers from PyPI as harness methods: T-GATE and CA-ToMe.
+"""Training-free peers as harness methods: T-GATE and CA-ToMe (PyPI), and diffusers' Pyramid
+Attention Broadcast.
 
 ``tgate`` (T-GATE 1.0.0, arXiv 2404.02747) is a pipeline loader. ``TgateSDLoader(pipe)`` adds
 ``pipe.tgate(...)``, a denoising loop of its own that replaces the forward of every attention layer
@@ -18,6 +19,17 @@ the UNet (the top level's self-attention, as tomesd), so it runs in diffusers' o
 per-step harness, through the step shim of :mod:`eval.ca_tome_step`. Its threshold merges only
 similar tokens, and the random features of the per-step harness's UNet have almost none (4095 of
 4096 tokens kept at 512 px), so its per-step row there shows the cost of matching, not its saving.
+
+``pab`` is diffusers' Pyramid Attention Broadcast (``apply_pyramid_attention_broadcast``, arXiv
+2408.12588): the self-attention of every transformer block is computed every
+``spatial_attention_block_skip_range`` calls, and reused in between, while the timestep lies in
+``spatial_attention_timestep_skip_range`` (diffusers' defaults: 2 and (100, 800)). It is the one of
+diffusers' caches that attaches to a UNet as well as to a transformer (FirstBlockCache and the
+others need the pipeline to set a cache context, which neither Stable Diffusion's nor PixArt's
+pipelines do). Its hooks need the current timestep and a reset before each generation, which
+pipelines made for it provide: here a forward pre-hook on the denoiser records the timestep and
+resets them when it rises (a new generation). ``agentsd+pab`` and ``agentsd-pool+pab`` put PAB on top
+of AgentSD (applied after it, so that it reuses AgentSD's outputs).
 
 A peer that is not installed, or does not run on this torch or diffusers, is a row with its reason
 (:func:`unavailable`, :func:`failure`); a stack that cannot compose is refused by name
@@ -202,7 +214,79 @@ class CAToMeSettings:
         return tuple(int(t) for t in schedule[start - 1:stop - 1])
 
 
-#: The names of the peers of this module.
+class _PABClock:
+    """A forward pre-hook of the denoiser: the timestep PAB's hooks ask for, and their reset when a
+    call's timestep is above the last one's (the first step of a new generation)."""
+
+    def __init__(self, denoiser: torch.nn.Module) -> None:
+        from agentsd.hooks import Argument
+        from agentsd.models import denoiser_of
+
+        self.denoiser = denoiser
+        self.timestep = Argument.of(denoiser, "timestep")
+        self.sample = denoiser_of(denoiser)[1].sample
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    @torch.compiler.disable
+    def hook(self, module: Any, args: tuple, kwargs: dict) -> None:
+        import agentsd
+        from diffusers.hooks import HookRegistry
+
+        t = agentsd.timestep_value(self.timestep.get(args, kwargs))
+        if t > self.now:
+            HookRegistry.check_if_exists_or_initialize(self.denoiser).reset_stateful_hooks()
+        self.now = t
+
+
+@dataclass(frozen=True)
+class PABSettings:
+    """diffusers' Pyramid Attention Broadcast on the self-attention of every block, with its
+    defaults: computed every ``skip_range`` calls while the timestep is in ``timesteps``."""
+
+    skip_range: int = 2
+    timesteps: tuple[int, int] = (100, 800)
+    package: ClassVar[str] = "diffusers"
+    whole_call: ClassVar[bool] = False
+    own_deepcache: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.skip_range, int) or self.skip_range < 1:
+            raise ValueError(f"PAB skip range must be an integer >= 1, got {self.skip_range!r}")
+
+    def to_dict(self, deepcache: bool) -> dict[str, Any]:
+        return {"spatial_attention_block_skip_range": self.skip_range,
+                "spatial_attention_timestep_skip_range": list(self.timesteps)}
+
+    def apply(self, target: Any, deepcache: Any | None) -> Any:
+        """PAB on the denoiser of ``target``; returns the function that takes it off again."""
+        from diffusers import PyramidAttentionBroadcastConfig, apply_pyramid_attention_broadcast
+        from diffusers.hooks.pyramid_attention_broadcast import _PYRAMID_ATTENTION_BROADCAST_HOOK
+
+        from agentsd.models import denoiser_of
+
+        denoiser, _ = denoiser_of(target)
+        clock = _PABClock(denoiser)
+        saved = _Attributes(list(denoiser.modules()))
+        apply_pyramid_attention_broadcast(denoiser, PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=self.skip_range,
+            spatial_attention_timestep_skip_range=self.timesteps, current_timestep_callback=clock))
+        handle = denoiser.register_forward_pre_hook(clock.hook, with_kwargs=True)
+
+        def remove() -> None:
+            handle.remove()
+            for module in denoiser.modules():
+                registry = module.__dict__.get("_diffusers_hook")
+                if registry is not None:
+                    registry.remove_hook(_PYRAMID_ATTENTION_BROADCAST_HOOK, recurse=False)
+            saved.restore()
+
+        return remove
+
+
+#: The names of the peers of this module (the stacks that cannot compose are refused by name).
 PEER_NAMES = ("tgate", "ca-tome")
 _PROCESSORS = ("agentsd", "agentsd-pool", "agentsd-xattn", "agentsd-mlp", "todo", "bound", "bound-xattn", "bound-mlp")
 

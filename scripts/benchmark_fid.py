@@ -42,12 +42,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 from eval import cli  # noqa: E402
 from eval.protocols import PRESETS  # noqa: E402
 
+#: the image side each embedded reference model was trained at
+REFERENCE_SIZES = {"unet": 64, "dit": 128}
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = cli.Parser(__doc__)
     p.add_argument("--protocol", choices=list(PRESETS), default="quick", help="preset (default: quick)")
     p.add_argument("--model", default=None,
-                   help="hub id or local folder of an SD 1.x/2.x pipeline (default: the embedded reference model)")
+                   help="an embedded reference model by name (unet: the default; dit: the PixArt-layout transformer), "
+                        "or a hub id or local folder of an SD 1.x/2.x or PixArt pipeline")
     p.add_argument("--reference-dir", type=Path, default=None,
                    help="folder of real images for FID (required by --protocol paper)")
     cli.add_method_arguments(p, ["sd", "tomesd", "agentsd"], ["schedule"], off_after=True, whole_calls=True)
@@ -58,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: preset)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default: preset)")
     p.add_argument("--batch-size", type=int, default=None, help="images per pipeline call (default: preset)")
-    p.add_argument("--size", type=int, default=None, help="image side in px (default: preset)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side in px (default: preset; a reference model's own size, 64 or 128 px)")
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     p.add_argument("--no-bound", action="store_true", help="skip timing the bounds (patched attention free)")
     p.add_argument("--bound-batches", type=int, default=2,
@@ -79,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch.compile backend of --compile (default: inductor; aot_eager traces without codegen)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
+    if args.size is None and args.protocol != "paper" and args.model in REFERENCE_SIZES:
+        args.size = REFERENCE_SIZES[args.model]
     for key, value in PRESETS[args.protocol].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -128,7 +135,8 @@ def run(args: argparse.Namespace, process: Any, requested: Any) -> None:
     import torch
     from diffusers import PNDMScheduler
 
-    from eval import REFERENCE_MODEL, fidelity, generation, plots, protocols, report
+    from eval import fidelity, generation, plots, protocols, report
+    from eval.reference import MODELS
     from eval.methods import build_methods, table_order
     from eval.metrics import compute_metrics
     from eval.runtime import DTYPES, dtype_name
@@ -149,7 +157,10 @@ def run(args: argparse.Namespace, process: Any, requested: Any) -> None:
     except (OSError, ValueError) as e:
         fail(str(e))
     num_real = len(files) if files else args.num_real or args.num_images
-    model = args.model or str(REFERENCE_MODEL)
+    model = args.model or "unet"
+    if model in REFERENCE_SIZES and not (MODELS[model] / "model_index.json").is_file():
+        fail(f"--model {model}: the reference model is not in {MODELS[model]} (train it with "
+             "scripts/train_reference_model.py)")
     if model.startswith(("/", ".", "~")) and not Path(model).expanduser().is_dir():  # before any file is written
         fail(f"--model {model}: no such folder (give a local pipeline folder or a hub id)")
 
@@ -169,7 +180,7 @@ def run(args: argparse.Namespace, process: Any, requested: Any) -> None:
     process.wait_for_everyone()
     args.out.mkdir(parents=True, exist_ok=True)
     setup = dict(
-        model=args.model or "embedded reference model", protocol=protocol.describe(), batch_size=args.batch_size,
+        model=f"embedded reference model {model}" if model in REFERENCE_SIZES else model, protocol=protocol.describe(), batch_size=args.batch_size,
         dtype=dtype, device=device.type, seed=args.seed, num_real=num_real,
         reference=str(args.reference_dir) if args.reference_dir else "procedural generator",
         compile=args.compile_backend if args.compile else None, methods={m.key: m.settings() for m in methods},

@@ -222,3 +222,30 @@ def test_latency_harness_refuses_tgate_and_times_ca_tome_or_gives_its_reason(tmp
                         progress=lambda s: None)  # the rerun tries it again
     rows = {r["method"]: r for r in latency_rows(raw, methods, [64])}
     assert rows["ca-tome"]["reason"] is None and rows["ca-tome"]["median_s"] > 0 and rows["ca-tome"]["bound"] == "bound"
+
+
+@pytest.mark.parametrize("make", [tiny.sd_pipeline, tiny.pixart_pipeline], ids=["unet", "pixart"])
+def test_pab_alone_and_on_top_of_agentsd_and_removed_exactly(make):
+    pipe = make()
+    prompt = tiny.pixart_prompt() if make is tiny.pixart_pipeline else {"prompt": "a red circle"}
+
+    def run():
+        return pipe(**prompt, generator=torch.Generator().manual_seed(0), num_inference_steps=6, height=64,
+                    width=64, output_type="np").images
+
+    plain = run()
+    images = {}
+    for name in ("pab", "agentsd", "agentsd+pab"):
+        m = build_methods([name], [0.4], Options(phase="agent"))[0]
+        m.apply(pipe)
+        images[name] = run()
+        images[name + " again"] = run()  # PAB's state is reset for a new generation
+        m.remove(pipe)
+        assert np.array_equal(run(), plain), name
+    # PAB reuses attention outputs (the tiny PixArt's gated attention moves its images little)
+    assert not np.array_equal(images["pab"], plain)
+    assert not np.array_equal(images["agentsd+pab"], images["pab"])
+    assert not np.array_equal(images["agentsd+pab"], images["agentsd"])
+    assert all(np.array_equal(images[n], images[n + " again"]) for n in ("pab", "agentsd+pab"))
+    settings = build_methods(["agentsd+pab"], [0.4])[0].settings()
+    assert settings["spatial_attention_block_skip_range"] == 2 and settings["agent_fraction"] == 0.4
