@@ -206,7 +206,7 @@ def test_apply_logs_what_it_patched_and_warns_once_per_patch_for_a_fallback(pipe
     with caplog.at_level(logging.INFO, logger="agentsd"):
         # a 16x16 grid: smaller than one 32x32 cell, for either reduction
         agentsd.apply_patch(pipe, sx=32, sy=32, agent_fraction=1.0, reduction=reduction)
-    assert "AgentSD on 3 transformer blocks at downsampling [1]" in caplog.text
+    assert "AgentSD on 3 UNet2DConditionModel blocks at downsampling [1] (down_blocks.0.attentions.0" in caplog.text
     assert "given: sx=32, sy=32, agent_fraction=1.0" in caplog.text and "default: ratio=None" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="agentsd"):
