@@ -25,7 +25,7 @@ Examples (2 threads)::
     python scripts/train_reference_model.py --threads 2 --resume \\
         --out eval/reference/unet --overwrite-shipped-model
     python scripts/train_reference_model.py --threads 2 --resume --denoiser dit --image-size 128 \\
-        --vae-from eval/reference/unet --out runs/reference_dit
+        --vae-from eval/reference/unet --text-from eval/reference/unet --out runs/reference_dit
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--vae-lr", type=float, default=1e-3)
     g.add_argument("--vae-from", default=None,
                    help="a pipeline folder whose trained autoencoder to take (e.g. eval/reference/unet): no phase 1")
+    g.add_argument("--text-from", default=None,
+                   help="a pipeline folder whose trained text encoder to start from (e.g. eval/reference/unet); it "
+                        "goes on training with the denoiser")
 
     g = p.add_argument_group("model")
     g.add_argument("--denoiser", choices=("unet", "dit"), default="unet",
@@ -121,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--dit-width {args.dit_width} must be a multiple of --dit-heads {args.dit_heads}")
     if args.vae_from and not (Path(args.vae_from) / "vae" / "config.json").is_file():
         p.error(f"--vae-from {args.vae_from}: no vae/config.json there")
+    if args.text_from and not (Path(args.text_from) / "text_encoder" / "config.json").is_file():
+        p.error(f"--text-from {args.text_from}: no text_encoder/config.json there")
     refuse_shipped_model(args.out, args.overwrite_shipped_model)
     if args.ckpt_dir is None:
         out = Path(args.out).resolve()

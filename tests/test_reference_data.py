@@ -231,3 +231,27 @@ def test_model_card_template_renders_the_shipped_card() -> None:
     assert "UNet 87.7). Training was stopped early by the time budget." in short
     assert "`attribute_classifier.*`" not in short and "(fp32 safetensors). `training_info.json`" in short
     assert "{" not in short and "<!--" not in short and "\n\n\n" not in short
+
+
+def test_a_dit_starts_from_the_unet_models_text_encoder_with_more_positions() -> None:
+    import torch
+
+    from eval import REFERENCE_MODEL
+    from eval.reference.components import ModelConfig, build_text_encoder, build_tokenizer
+    from eval.reference.training import DIT_TEXT_POSITIONS, load_text_encoder
+    from transformers import CLIPTextModel
+
+    tokenizer = build_tokenizer(max_length=DIT_TEXT_POSITIONS)
+    encoder = build_text_encoder(ModelConfig(text_positions=DIT_TEXT_POSITIONS), vocab_size=len(tokenizer))
+    load_text_encoder(encoder, REFERENCE_MODEL / "text_encoder")
+    trained = CLIPTextModel.from_pretrained(REFERENCE_MODEL / "text_encoder", local_files_only=True)
+    caption = ["a red circle on a blue background"]
+    with torch.no_grad():
+        long = encoder(tokenizer(caption, padding="max_length", max_length=DIT_TEXT_POSITIONS,
+                                 return_tensors="pt").input_ids).last_hidden_state
+        short = trained(tokenizer(caption, padding="max_length", max_length=77, return_tensors="pt").input_ids
+                        ).last_hidden_state
+    torch.testing.assert_close(long[:, :77], short)  # causal: the extra positions change no earlier token
+    with pytest.raises(SystemExit, match="does not fit"):
+        load_text_encoder(build_text_encoder(ModelConfig(text_hidden=64), vocab_size=len(tokenizer)),
+                          REFERENCE_MODEL / "text_encoder")

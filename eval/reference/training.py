@@ -65,7 +65,7 @@ RUN_KEYS = (
     "seed", "steps", "batch_size", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "ema_decay",
     "cfg_drop", "snr_gamma", "noise_offset", "n_train_images", "vae_steps", "vae_batch_size", "vae_lr",
     "text_hidden", "text_layers", "unet_channels", "vae_channels", "denoiser", "dit_width", "dit_layers", "dit_heads",
-    "dit_patch", "image_size", "vae_from",
+    "dit_patch", "image_size", "vae_from", "text_from",
 )
 #: what a PixArt transformer takes beside the latents, text and timestep (no size conditions)
 NO_ADDED_CONDITIONS = {"resolution": None, "aspect_ratio": None}
@@ -172,6 +172,25 @@ def folder_size_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) / 1e6
 
 
+
+def load_text_encoder(encoder: torch.nn.Module, folder: Path) -> None:
+    """Load a trained :class:`~transformers.CLIPTextModel` of the same vocabulary and width into
+    ``encoder``. If ``encoder`` has more positions (PixArt's pipelines pad prompts to 120 tokens,
+    Stable Diffusion's to 77), the trained position embeddings fill the first ones; the others are
+    only ever seen by padding, which the denoiser masks."""
+    from transformers import CLIPTextModel
+
+    trained = CLIPTextModel.from_pretrained(folder, local_files_only=True).state_dict()
+    own = encoder.state_dict()
+    key = next(k for k in own if k.endswith("position_embedding.weight"))
+    if own[key].shape[0] < trained[key].shape[0] or any(
+            own[k].shape != v.shape for k, v in trained.items() if k != key and k in own):
+        raise SystemExit(f"--text-from {folder.parent}: its text encoder does not fit this one (vocabulary, width, "
+                         "layers or positions differ)")
+    positions = own[key].clone()
+    positions[: trained[key].shape[0]] = trained[key]
+    encoder.load_state_dict({**trained, key: positions}, strict=False)
+
 class EMA:
     """Exponential moving average of a list of parameters (decay warms up as (1+s)/(10+s))."""
 
@@ -217,6 +236,8 @@ class Trainer:
             from diffusers import AutoencoderKL
 
             self.vae = AutoencoderKL.from_pretrained(Path(args.vae_from) / "vae", local_files_only=True)
+        if args.text_from:  # a trained text encoder to start from; it goes on training with the denoiser
+            load_text_encoder(self.text_encoder, Path(args.text_from) / "text_encoder")
         #: the denoiser (a UNet, or a PixArt-layout transformer); "unet" in checkpoints either way
         self.unet = build_denoiser(self.cfg)
         freeze_vae_logvar(self.vae)
@@ -631,7 +652,7 @@ def render_model_card(
         adherence = blocks["not_measured"]
     scaling = info.get("scaling_factor")
     # runs recorded before the DiT option have a UNet at 64 px and a trained autoencoder
-    run = {"denoiser": "unet", "image_size": 64, "vae_from": None, **run}
+    run = {"denoiser": "unet", "image_size": 64, "vae_from": None, "text_from": None, **run}
     model = {"dit_width": None, "dit_layers": None, "dit_heads": None, "dit_patch": 1, **model}
     latent = run["image_size"] // 4
     grid = latent // model["dit_patch"] if run["denoiser"] == "dit" else latent
@@ -652,6 +673,9 @@ def render_model_card(
         n_train_combos=len(shapes.TRAIN_COMBOS),
         n_heldout_combos=len(shapes.HELDOUT_COMBOS),
         text_params=f"{counts['text_encoder'] / 1e6:.2f}",
+        text_start=f", starting from `{run['text_from']}`'s" if run["text_from"] else "",
+        vae_data=(f"The autoencoder is `{run['vae_from']}`'s." if run["vae_from"] else
+                  "The autoencoder is trained on freshly rendered images of the training combinations."),
         vae_params=f"{counts['vae'] / 1e6:.2f}",
         vae_channel_list=list(model["vae_channels"]),
         text_layer_count=model["text_layers"],
