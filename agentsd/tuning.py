@@ -664,16 +664,18 @@ def _choose(rows: Sequence[TuneRow]) -> AgentSDConfig | None:
 
 def default_candidates(model: Any) -> list[tuple[str, AgentSDConfig | None]]:
     """The candidates :func:`tune` always times, as ``[(name, settings)]``: no patch (None);
-    ``"merge"``, what ``apply_patch(model)`` runs on a model without stored settings (the defaults,
-    under the family's recipe, :data:`agentsd.models.RECIPES`); ``"pool"``, what
-    ``apply_patch(model, reduction="pool")`` runs on it; and, when the model has settings stored
-    with it (:func:`agentsd.store_config`), what ``apply_patch(model)`` runs, if it differs."""
+    ``"merge"`` and ``"pool"``, what ``apply_patch(model, reduction=...)`` runs on a model without
+    stored settings (the defaults, under the family's recipe, :data:`agentsd.models.RECIPES`); and,
+    when the model has settings stored with it (:func:`agentsd.store_config`), what
+    ``apply_patch(model)`` runs, if it differs."""
     from .patch import CONFIG_KEY, resolve_config
 
     found = _denoiser_of(model)
-    # what apply_patch runs on this model without its stored settings: the family's recipe
-    merge = resolve_config(model, config=AgentSDConfig(**RECIPES.get(found.family, {})))
-    pool = dataclasses.replace(merge, reduction="pool")
+    # what apply_patch runs on this model without its stored settings: the family's recipe, with
+    # each reduction
+    recipe = RECIPES.get(found.family, {})
+    merge, pool = (resolve_config(model, config=AgentSDConfig(**{**recipe, "reduction": reduction}))
+                   for reduction in ("merge", "pool"))
     candidates: list[tuple[str, AgentSDConfig | None]] = [(NO_PATCH, None), ("merge", merge), ("pool", pool)]
     if found.module.config.get(CONFIG_KEY):
         _add(candidates, resolve_config(model))

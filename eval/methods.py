@@ -68,11 +68,11 @@ SPECS: dict[str, Spec] = {s.name: s for s in (
     Spec("sd", "the unpatched pipeline (diffusers' default attention processor, SDPA)"),
     Spec("tomesd", "token merging, the tomesd package at the ratio (its defaults)", has_ratio=True),
     Spec("todo", "token downsampling: top-level keys and values from a downsampled grid (eval/todo.py)"),
-    Spec("agentsd", "AgentSD: agent attention on merged tokens", True, agentsd={}),
+    Spec("agentsd", "AgentSD: agent attention on merged tokens", True, agentsd={"reduction": "merge"}),
     Spec("agentsd-pool", "AgentSD with pooled agents and keys/values, no matching", True,
          agentsd={"reduction": "pool"}),
-    Spec("agentsd-xattn", "AgentSD with merge_crossattn", True, "bound-xattn", agentsd={"merge_crossattn": True}),
-    Spec("agentsd-mlp", "AgentSD with merge_mlp", True, "bound-mlp", agentsd={"merge_mlp": True}),
+    Spec("agentsd-xattn", "AgentSD with merge_crossattn", True, "bound-xattn", agentsd={"reduction": "merge", "merge_crossattn": True}),
+    Spec("agentsd-mlp", "AgentSD with merge_mlp", True, "bound-mlp", agentsd={"reduction": "merge", "merge_mlp": True}),
     Spec("bound", "the patched self-attention returns zeros", bound="bound", free=("attn1",)),
     Spec("bound-xattn", "self- and cross-attention of the patched blocks free", bound="bound-xattn",
          free=("attn1", "attn2")),
@@ -85,7 +85,7 @@ PEERS: dict[str, Spec] = {s.name: s for s in (
          bound=""),
     Spec("ca-tome", "CA-ToMe: tomesd's merge by similarity threshold, the match cached between checkpoints"),
     Spec("pab", "diffusers' Pyramid Attention Broadcast: self-attention reused every other step", bound=""),
-    Spec("agentsd+pab", "AgentSD with PAB on top", True, bound="", agentsd={}),
+    Spec("agentsd+pab", "AgentSD with PAB on top", True, bound="", agentsd={"reduction": "merge"}),
     Spec("agentsd-pool+pab", "AgentSD (pooled) with PAB on top", True, bound="", agentsd={"reduction": "pool"}),
 )}
 #: Every registered method, in table order.
