@@ -12,6 +12,7 @@ The run is a list of *jobs*, ordered by what their figures are worth, each one t
   sample is the mean of ``inner`` calls; the row is the median of ``repeats`` samples.
 - ``generation``: whole generations (text encoder, 25 denoising steps with guidance, VAE) of a
   random-weight SD1.5 pipeline, eager or with the UNet under CUDA graphs, interleaved, medians.
+- ``tune``: what ``agentsd.tune`` picks for a denoiser at a size (no patch, merge, pool; its table).
 
 Every row has its peak memory and, when compiled, the seconds its first (compiling) calls took.
 A method that fails becomes a row with the first line of its error. Each job's table is written
@@ -108,13 +109,18 @@ def plan(smoke: bool = False) -> list[Job]:
                 Job("generation", size=64, batch=1, methods=GENERATION_METHODS),
                 Job("generation", size=64, batch=1, mode="cudagraphs", methods=few),
                 Job("step", arch="sdxl", size=64, methods=few),
-                *(replace(_dit(arch, 64), dtype=None) for arch in TRANSFORMERS)]
+                *(replace(_dit(arch, 64), dtype=None) for arch in TRANSFORMERS),
+                Job("tune", size=64, methods=()), Job("tune", arch="pixart-sigma", size=64, methods=())]
     gen = dict(batch=1, methods=GENERATION_METHODS)
     return [
         Job("sync", methods=SYNC_METHODS),
         *(Job("step", size=s, batch=b) for s in (512, 1024) for b in (2, 8)),
         Job("step", size=512, mode="cudagraphs"), Job("step", size=1024, mode="cudagraphs"),
         _dit("pixart-sigma", 1024), _dit("pixart-sigma", 2048), _dit("sd35-medium", 1024),
+        # what agentsd.tune picks at each size of the tables
+        *(Job("tune", arch=a, size=s, methods=()) for a, s in (("sd15", 512), ("sd15", 1024), ("sdxl", 1024))),
+        *(replace(_dit(a, s), kind="tune", methods=()) for a, s in (("pixart-sigma", 1024), ("pixart-sigma", 2048),
+                                                                     ("sd35-medium", 1024))),
         Job("generation", size=512, **gen), Job("generation", size=512, mode="cudagraphs", **gen),
         Job("generation", size=1024, **gen), Job("generation", size=1024, mode="cudagraphs", **gen),
         Job("step", arch="sdxl", size=1024), Job("step", arch="sdxl", size=1024, mode="cudagraphs"),
@@ -345,6 +351,17 @@ def run_generation_job(job: Job, settings: Settings, pipe: Any) -> list[dict[str
         pipe.unet = original
 
 
+def run_tune_job(job: Job, settings: Settings) -> list[dict[str, Any]]:
+    """``agentsd.tune`` on the denoiser at the job's size, one image per prompt with guidance
+    (batch ``job.batch``), no cache: its table and its choice."""
+    import agentsd
+
+    unet = build_unet(job.arch, settings, job.dtype)
+    result = agentsd.tune(unet, job.size, job.size, num_images=job.batch // 2, repeats=settings.repeats, cache=False,
+                          progress=False)
+    return [dict(result.to_dict(), markdown=result.to_markdown())]
+
+
 def run_sync_job(job: Job, settings: Settings) -> list[dict[str, Any]]:
     """Each method on the SD1.5 UNet at 512 px (``--smoke``: the tiny one): a warm-up call (the
     first call of a run copies the schedule to the host once), then a call in sync-error mode."""
@@ -380,6 +397,8 @@ def run_sync_job(job: Job, settings: Settings) -> list[dict[str, Any]]:
 
 
 def job_table(job: Job, rows: list[dict[str, Any]]) -> str:
+    if job.kind == "tune":
+        return rows[0]["markdown"]
     if job.kind == "sync":
         lines = ["| method | host synchronisations in a UNet call |", "|---|---|"]
         return "\n".join(lines + [f"| {r['key']} | {r['host_syncs']} |" for r in rows])
@@ -401,6 +420,10 @@ def job_table(job: Job, rows: list[dict[str, Any]]) -> str:
 def describe(job: Job, settings: Settings) -> str:
     if job.kind == "sync":
         return "Host synchronisations of one UNet call (hook included), SD1.5 UNet, torch.cuda.set_sync_debug_mode."
+    if job.kind == "tune":
+        model = MODELS[job.arch][3] if job.arch in MODELS else job.arch.upper() + " UNet"
+        return (f"What agentsd.tune picks: {model}, {job.size} px, batch {job.batch} (one image with guidance), "
+                f"{job.dtype or settings.dtype}, eager, phases weighted by 50 PNDM steps.")
     what = {"step": f"one denoiser step, {MODELS[job.arch][3] if job.arch in MODELS else job.arch.upper() + ' UNet'}, "
                     f"batch {job.batch}",
             "generation": f"whole generations, {settings.steps} steps, guidance 7.5 (UNet batch 2), VAE included"}
@@ -437,6 +460,8 @@ def run(out: Path, settings: Settings, progress: Callable[[str], None] = print) 
             elif job.kind == "generation":
                 pipe = pipe or build_pipeline(settings)
                 rows = run_generation_job(job, settings, pipe)
+            elif job.kind == "tune":
+                rows = run_tune_job(job, settings)
             else:
                 rows = run_sync_job(job, settings)
         except Exception as err:  # noqa: BLE001 - a job that cannot run is named, the others go on
