@@ -4,7 +4,7 @@ patched by AgentSD, and compare the outcomes test by test: the patch should chan
 
 diffusers' tests are not in its wheel; take them from a checkout of its repository of about the
 installed version (``git clone https://github.com/huggingface/diffusers``), and import
-``parameterized`` (``pip install parameterized``). They run offline with a
+``parameterized`` and ``requests_mock`` (``pip install parameterized requests-mock``). They run offline with a
 local stand-in tokenizer (tests/diffusers_plugin.py), so the tests that compare images with
 hard-coded pixel slices fail in both runs.
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
                               env={**env, "AGENTSD_PATCH": patch})
         if not report.is_file() or done.returncode not in (0, 1):  # 1: some tests failed; others: no run
             sys.exit(f"the {name} run did not complete (pytest exit code {done.returncode}); its output is above. "
-                     "diffusers' tests need its test requirements: pip install parameterized")
+                     "diffusers' tests need its test requirements: pip install parameterized requests-mock")
         runs[name] = outcomes(report)
     plain, patched = runs["plain"], runs["patched"]
     differ = sorted(t for t in plain.keys() | patched.keys() if plain.get(t) != patched.get(t))

@@ -214,12 +214,18 @@ def test_reference_checkpoints_never_go_into_the_shipped_model(monkeypatch: pyte
 
 
 
-def test_model_card_template_renders_the_shipped_card() -> None:
+def test_model_card_template_renders_the_shipped_cards() -> None:
     import json
 
     from eval import REFERENCE_MODEL
-    from eval.reference.training import folder_size_mb, render_model_card
+    from eval.reference import model_folder
+    from eval.reference.training import CLASSIFIER_FILE, folder_size_mb, render_model_card
 
+    dit = model_folder("dit")
+    dit_info = json.loads((dit / "training_info.json").read_text())
+    dit_card = render_model_card(dit_info, folder_size_mb(dit), has_classifier=(dit / CLASSIFIER_FILE).exists())
+    assert dit_card == (dit / "README.md").read_text()
+    assert "PixArtTransformer2DModel" in dit_card and "starting from `eval/reference/unet`'s" in dit_card
     info = json.loads((REFERENCE_MODEL / "training_info.json").read_text())
     card = render_model_card(info, folder_size_mb(REFERENCE_MODEL))
     assert card == (REFERENCE_MODEL / "README.md").read_text()
