@@ -9,7 +9,8 @@ local stand-in tokenizer (tests/diffusers_plugin.py), so the tests that compare 
 hard-coded pixel slices fail in both runs.
 
 Writes DIR/plain.xml and DIR/patched.xml (JUnit), and DIR/summary.md: the counts of each run and
-every test whose outcome differs.
+every test whose outcome differs. A run whose report is already in DIR is not run again (each takes
+a while on a CPU); delete the report to rerun it.
 
 Example:
   python scripts/run_diffusers_tests.py --diffusers ~/diffusers --out runs/diffusers-tests
@@ -54,19 +55,24 @@ def main(argv: list[str] | None = None) -> None:
     missing = [f for f in args.files if not (args.diffusers / f).is_file()]
     if missing:
         p.error(f"not in {args.diffusers}: {', '.join(missing)}")
+    args.out = args.out.resolve()  # pytest runs in the diffusers checkout
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "AGENTSD_SETTINGS": args.settings,
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     runs = {}
     for name, patch in (("plain", "0"), ("patched", "1")):
         report = args.out / f"{name}.xml"
-        report.unlink(missing_ok=True)
+        if report.is_file():  # finished in an earlier invocation: delete it to run it again
+            runs[name] = outcomes(report)
+            continue
+        partial = report.with_suffix(".partial.xml")
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "diffusers_plugin", "-p", "no:cacheprovider",
-                               f"--junitxml={report}", *args.files], cwd=args.diffusers,
+                               f"--junitxml={partial}", *args.files], cwd=args.diffusers,
                               env={**env, "AGENTSD_PATCH": patch})
-        if not report.is_file() or done.returncode not in (0, 1):  # 1: some tests failed; others: no run
+        if not partial.is_file() or done.returncode not in (0, 1):  # 1: some tests failed; others: no run
             sys.exit(f"the {name} run did not complete (pytest exit code {done.returncode}); its output is above. "
                      "diffusers' tests need its test requirements: pip install parameterized requests-mock")
+        partial.replace(report)
         runs[name] = outcomes(report)
     plain, patched = runs["plain"], runs["patched"]
     differ = sorted(t for t in plain.keys() | patched.keys() if plain.get(t) != patched.get(t))

@@ -111,7 +111,7 @@ def test_sd3_patches_joint_attention_and_sd35s_attn2():
 def test_settings_a_family_does_not_have_are_refused():
     sd3, pixart = tiny.sd3_transformer(), tiny.pixart_transformer()
     with pytest.raises(ValueError, match="merge_crossattn: SD3's blocks have no cross-attention"):
-        agentsd.apply_patch(sd3, merge_crossattn=True)
+        agentsd.apply_patch(sd3, reduction="merge", merge_crossattn=True)
     with pytest.raises(ValueError, match="max_downsample chooses a UNet level"):
         agentsd.apply_patch(pixart, max_downsample=1)
     assert not agentsd.is_patched(sd3) and not agentsd.is_patched(pixart)
