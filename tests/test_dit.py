@@ -137,7 +137,9 @@ def test_merge_crossattn_and_mlp_copies_and_removal(family):
     transformer = build()
     sample = latents(2, (16, 16), torch.float32)
     plain = call(transformer, sample)
-    options = dict(merge_mlp=True) if family == "sd3" else dict(merge_mlp=True, merge_crossattn=True)
+    options = dict(reduction="merge", merge_mlp=True)
+    if family != "sd3":  # SD3 has no cross-attention
+        options["merge_crossattn"] = True
     agentsd.apply_patch(transformer, agent_fraction=1.0, **options)
     patched = call(transformer, sample)
     assert (patched - plain).abs().max() > 1e-3

@@ -32,7 +32,7 @@ def test_benchmark_runs_every_method_in_its_phase_and_resumes(tmp_path):
     assert "| 128 | agentsd | agent | 0.5 |" in table and "| 128 | agentsd | late | 0.2 |" in table
     # every method's settings are recorded with the samples: the phases, ToDo on at every step
     settings = json.loads(raw_path.read_text())["settings"]
-    assert settings["methods"]["agentsd@0.5:late"] == {"ratio": 0.5, "agent_fraction": 0.0}
+    assert settings["methods"]["agentsd@0.5:late"] == {"ratio": 0.5, "reduction": "merge", "agent_fraction": 0.0}
     assert settings["methods"]["agentsd-pool@0.2:agent"]["reduction"] == "pool"
     assert settings["methods"]["todo"] == {"factor": 2.0, "mode": "nearest", "off_after": 1.0, "max_downsample": None}
     assert settings["fuse_qkv"] is False

@@ -55,7 +55,7 @@ def test_every_method_switches_on_and_off_a_pipeline():
 def test_agentsd_methods_apply_their_phase_and_ratio(name, monkeypatch):
     calls = []
     monkeypatch.setattr(agentsd, "apply_patch", lambda target, **kw: calls.append(kw))
-    extra = {"agentsd-pool": {"reduction": "pool"}}.get(name, {})
+    extra = {"reduction": "pool" if name == "agentsd-pool" else "merge"}
     for phase, fraction in (("agent", 1.0), ("late", 0.0)):
         methods = build_methods([name, f"{name}+deepcache"], [0.2, 0.4], Options(phase=phase))
         assert [m.key for m in methods] == [f"{name}@0.2:{phase}", f"{name}@0.4:{phase}",
