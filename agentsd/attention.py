@@ -38,6 +38,23 @@ def computes_plain_attention(processor: Any) -> bool:
     return type(processor) in PLAIN_PROCESSORS
 
 
+def is_joint(attn: "Attention", encoder_hidden_states: torch.Tensor | None) -> bool:
+    """Whether this call is a joint attention of image and text tokens (SD3's ``attn``)."""
+    return encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+
+
+def text_heads(attn: "Attention", encoder_hidden_states: torch.Tensor) -> list[torch.Tensor]:
+    """The text tokens' queries, keys and values of a joint attention, ``(B, heads, T, d)`` each,
+    normalised as diffusers' joint processors do."""
+    q, k, v = (proj(encoder_hidden_states).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+               for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        q = attn.norm_added_q(q)
+    if attn.norm_added_k is not None:
+        k = attn.norm_added_k(k)
+    return [q, k, v]
+
+
 def unsupported(attn: "Attention", hidden_states: torch.Tensor, num_tokens: int) -> str | None:
     """Why the reductions of a block cannot apply to this call of ``attn``, or None."""
     if hidden_states.ndim != 3 or hidden_states.shape[1] != num_tokens:
@@ -81,12 +98,7 @@ def reduced_attention(
     dtype = q.dtype
     keys, values = k, v_heads
     if encoder_hidden_states is not None:
-        text_q, text_k, text_v = (split(proj(encoder_hidden_states))
-                                  for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-        if attn.norm_added_q is not None:
-            text_q = attn.norm_added_q(text_q)
-        if attn.norm_added_k is not None:
-            text_k = attn.norm_added_k(text_k)
+        text_q, text_k, text_v = text_heads(attn, encoder_hidden_states)
         keys, values = torch.cat([k, text_k], dim=2), torch.cat([v_heads, text_v], dim=2)
     if config.attn_precision == "fp32":
         q, keys, values, v_heads = q.float(), keys.float(), values.float(), v_heads.float()

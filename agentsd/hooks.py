@@ -29,7 +29,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from . import context
-from .attention import computes_plain_attention, reduced_attention, unsupported
+from .attention import computes_plain_attention, is_joint, reduced_attention, unsupported
 from .config import AgentSDConfig
 from .context import BlockCall, Step
 from .merge import mix32
@@ -221,7 +221,7 @@ class SelfAttentionHook(_LayerHook):
         r, notes = frame.merges, frame.step.notes
         encoder_hidden_states = args[0] if args else kwargs.get("encoder_hidden_states")
         attention_mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        joint = is_joint(attn, encoder_hidden_states)
         reason = ("got an attention mask" if attention_mask is not None else
                   "got encoder hidden states" if encoder_hidden_states is not None and not joint else
                   unsupported(attn, hidden_states, r.num_tokens))

@@ -100,6 +100,15 @@ def self_attention_layers(unet: Any, max_downsample: int | None = None) -> dict[
     return {name: layer for name, layer in layers.items() if layer[1] <= max_downsample}
 
 
+def self_attentions(block: torch.nn.Module) -> tuple[str, ...]:
+    """The names of a patched block's self-attention layers: ``attn1`` of a
+    ``BasicTransformerBlock``; the joint ``attn`` of a ``JointTransformerBlock`` and its
+    image-only ``attn2`` where it has one (SD3.5)."""
+    if isinstance(block, JointTransformerBlock):
+        return ("attn", "attn2") if getattr(block, "attn2", None) is not None else ("attn",)
+    return ("attn1",)
+
+
 def patched_blocks(denoiser: torch.nn.Module, family: Family, max_downsample: int | None,
                    skip_ends: int) -> dict[str, tuple[torch.nn.Module, int]]:
     """``{block name: (block, downsample)}`` of the blocks to patch, in order: those of the family

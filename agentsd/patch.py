@@ -25,7 +25,6 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import torch
-from diffusers.models.attention import JointTransformerBlock
 
 from .config import UNSET, AgentSDConfig, PoolMode, Reduction
 from .hooks import (
@@ -33,7 +32,7 @@ from .hooks import (
     CrossAttentionHook, FeedForwardHook, Patch, SelfAttentionHook, StepBegin, StepEnd, register, unregister,
 )
 from .merge import mix32
-from .models import RECIPES, SUPPORTED, Family, denoiser_of, patched_blocks, self_attention_layers
+from .models import RECIPES, SUPPORTED, Family, denoiser_of, patched_blocks, self_attention_layers, self_attentions
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +205,8 @@ def _resolve(denoiser: torch.nn.Module, family: Family, config: AgentSDConfig | 
 def _layer_hooks(patch: Patch, name: str, block: torch.nn.Module) -> list[tuple[str, Any, str]]:
     """``(module name, hook, hook name)`` of the layers of one patched block."""
     config = patch.config
-    if isinstance(block, JointTransformerBlock):
-        attentions = ["attn"] + (["attn2"] if getattr(block, "attn2", None) is not None else [])
-    else:
-        attentions = ["attn1"]
-    layers = [(f"{name}.{a}", SelfAttentionHook(patch, f"{name}.{a}"), SELF_ATTENTION_HOOK) for a in attentions]
+    layers = [(f"{name}.{a}", SelfAttentionHook(patch, f"{name}.{a}"), SELF_ATTENTION_HOOK)
+              for a in self_attentions(block)]
     if config.merge_crossattn and getattr(block, "attn2", None) is not None:
         layers.append((f"{name}.attn2", CrossAttentionHook(patch, f"{name}.attn2"), CROSS_ATTENTION_HOOK))
     if config.merge_mlp and getattr(block, "ff", None) is not None:

@@ -27,10 +27,11 @@ from typing import Any
 import torch
 
 import agentsd
-from agentsd.models import RECIPES, denoiser_of, patched_blocks
+from agentsd.attention import is_joint
+from agentsd.models import RECIPES, denoiser_of, patched_blocks, self_attentions
 from eval.peers import CAToMeSettings, PABSettings, TGateSettings, refusal, unavailable
 from eval.schedules import pndm_schedule
-from eval.todo import SELF_ATTENTIONS, ToDoSettings, apply_todo, remove_todo
+from eval.todo import ToDoSettings, apply_todo, remove_todo
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class ZeroAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
-        if encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None:
+        if is_joint(attn, encoder_hidden_states):
             return torch.zeros_like(hidden_states), torch.zeros_like(encoder_hidden_states)
         return torch.zeros_like(hidden_states)
 
@@ -244,12 +245,12 @@ class Method:
         denoiser, family = denoiser_of(denoiser)
         for name, (block, _) in patched_blocks(denoiser, family, None, 0).items():
             for part in self.spec.free:
-                parts = SELF_ATTENTIONS if part == "attn1" else (part,)  # a transformer's attn / attn2 too
+                parts = self_attentions(block) if part == "attn1" else (part,)  # a transformer's attn / attn2 too
                 for module in [getattr(block, p, None) for p in parts]:
                     if part == "ff" and module is not None:
                         block.ff = ZeroFeedForward()
                         self._undo.append(lambda b=block, m=module: setattr(b, "ff", m))
-                    elif module is not None and (part != "attn1" or not module.is_cross_attention):
+                    elif module is not None:
                         self._undo.append(lambda m=module, p=module.processor: m.set_processor(p))
                         module.set_processor(ZeroAttnProcessor())
 

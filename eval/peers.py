@@ -220,11 +220,9 @@ class _PABClock:
 
     def __init__(self, denoiser: torch.nn.Module) -> None:
         from agentsd.hooks import Argument
-        from agentsd.models import denoiser_of
 
         self.denoiser = denoiser
         self.timestep = Argument.of(denoiser, "timestep")
-        self.sample = denoiser_of(denoiser)[1].sample
         self.now = 1000.0
 
     def __call__(self) -> float:

@@ -29,9 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import agentsd
+from agentsd.attention import is_joint, text_heads
 from agentsd.config import NUM_TRAIN_TIMESTEPS
 from agentsd.hooks import Argument
-from agentsd.models import denoiser_of, patched_blocks
+from agentsd.models import denoiser_of, patched_blocks, self_attentions
 
 #: ``F.interpolate`` modes that shrink a grid.
 MODES = ("nearest", "nearest-exact", "area", "bilinear", "bicubic")
@@ -102,7 +103,7 @@ class ToDoAttnProcessor:
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args: Any, **kwargs: Any) -> Any:
         grid = self.grid(hidden_states.shape[1]) if hidden_states.ndim == 3 else None
-        joint = encoder_hidden_states is not None and getattr(attn, "add_q_proj", None) is not None
+        joint = is_joint(attn, encoder_hidden_states)
         plain = (not self.state.on or grid is None or (encoder_hidden_states is not None and not joint)
                  or attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None)
         if plain:
@@ -126,12 +127,7 @@ class ToDoAttnProcessor:
             key = attn.norm_k(key)
         n = query.shape[2]
         if joint:  # SD3: every text token, as a query and as a key and value
-            text = [proj(encoder_hidden_states).unflatten(-1, (heads, -1)).transpose(1, 2)
-                    for proj in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)]
-            if attn.norm_added_q is not None:
-                text[0] = attn.norm_added_q(text[0])
-            if attn.norm_added_k is not None:
-                text[1] = attn.norm_added_k(text[1])
+            text = text_heads(attn, encoder_hidden_states)
             query, key, value = (torch.cat([a, t], dim=2) for a, t in zip((query, key, value), text))
         out = F.scaled_dot_product_attention(query, key, value, scale=attn.scale).transpose(1, 2).flatten(2)
         image = attn.to_out[1](attn.to_out[0](out[:, :n].to(query.dtype)))
@@ -143,9 +139,6 @@ class ToDoAttnProcessor:
         return image / attn.rescale_output_factor
 
 
-#: the self-attention modules of a block that ToDo (and AgentSD) patch
-SELF_ATTENTIONS = ("attn1", "attn", "attn2")
-
 
 def self_attention_modules(denoiser: torch.nn.Module, max_downsample: int | None = None) -> dict[str, tuple[Any, int]]:
     """``{name: (attention module, downsample)}``: the self-attention layers AgentSD patches (the
@@ -153,10 +146,8 @@ def self_attention_modules(denoiser: torch.nn.Module, max_downsample: int | None
     denoiser, family = denoiser_of(denoiser)
     layers = {}
     for name, (block, downsample) in patched_blocks(denoiser, family, max_downsample, 0).items():
-        for part in SELF_ATTENTIONS:
-            attn = getattr(block, part, None)
-            if attn is not None and not (part == "attn2" and family.name != "sd3"):  # attn2: SD3.5's own
-                layers[f"{name}.{part}"] = (attn, downsample)
+        for part in self_attentions(block):
+            layers[f"{name}.{part}"] = (getattr(block, part), downsample)
     return layers
 
 
